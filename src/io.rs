@@ -1,0 +1,135 @@
+//! Files in and out: PNG images and safetensors tensor files given on the command line.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::error::{Error, Result};
+use crate::weights::WeightStore;
+
+/// Reads a safetensors file holding exactly one tensor (any name), as f32.
+pub fn read_single_tensor(path: &Path, device: &Device) -> Result<Tensor> {
+    let store = WeightStore::open(&[path.to_path_buf()])?;
+    let names: Vec<&String> = store.names().collect();
+    let name = match names.as_slice() {
+        [n] => (*n).clone(),
+        _ => {
+            return Err(Error::InvalidArgument(format!(
+                "{} must hold exactly one tensor; it holds {}",
+                path.display(),
+                names.len()
+            )))
+        }
+    };
+    let shape = store
+        .get(&name)
+        .map(|t| t.shape.clone())
+        .unwrap_or_default();
+    store.load(&name, &shape, DType::F32, device)
+}
+
+/// Writes named tensors as f32 safetensors.
+pub fn save_tensors(path: &Path, tensors: &[(&str, &Tensor)]) -> Result<()> {
+    let mut map = HashMap::new();
+    for (name, t) in tensors {
+        map.insert(
+            name.to_string(),
+            t.to_dtype(DType::F32)?
+                .to_device(&Device::Cpu)?
+                .contiguous()?,
+        );
+    }
+    candle_core::safetensors::save(&map, path).map_err(|e| Error::Image {
+        path: path.to_path_buf(),
+        reason: format!("cannot write tensors: {e}"),
+    })
+}
+
+/// Loads a PNG (or any format the `image` crate reads) as (1, 3, H, W) in [-1, 1], dropping alpha
+/// as PIL's `convert("RGB")` does.
+pub fn read_image(path: &Path, device: &Device) -> Result<Tensor> {
+    let img = image::open(path).map_err(|e| Error::Image {
+        path: path.to_path_buf(),
+        reason: format!("cannot read image: {e}"),
+    })?;
+    let rgb = img.to_rgb8();
+    let (w, h) = (rgb.width() as usize, rgb.height() as usize);
+    let data: Vec<f32> = rgb
+        .into_raw()
+        .into_iter()
+        .map(|v| v as f32 / 255.0 * 2.0 - 1.0)
+        .collect();
+    Ok(Tensor::from_vec(data, (h, w, 3), device)?
+        .permute((2, 0, 1))?
+        .unsqueeze(0)?
+        .contiguous()?)
+}
+
+/// Reads an image argument: a PNG, or a safetensors file with one (B, 3, H, W) tensor in [-1, 1].
+pub fn read_image_arg(path: &Path, device: &Device) -> Result<Tensor> {
+    if path.extension().is_some_and(|e| e == "safetensors") {
+        let t = read_single_tensor(path, device)?;
+        if t.rank() != 4 || t.dim(1)? != 3 {
+            return Err(Error::InvalidArgument(format!(
+                "{} must hold one (B, 3, H, W) image tensor; it has shape {:?}",
+                path.display(),
+                t.dims()
+            )));
+        }
+        Ok(t)
+    } else {
+        read_image(path, device)
+    }
+}
+
+/// Paths for a batch of images: `out.png` for one; `out-0.png`, `out-1.png`, … for several.
+pub fn image_paths(out: &Path, n: usize) -> Vec<PathBuf> {
+    if n == 1 {
+        return vec![out.to_path_buf()];
+    }
+    let stem = out.file_stem().and_then(|s| s.to_str()).unwrap_or("image");
+    let ext = out.extension().and_then(|s| s.to_str()).unwrap_or("png");
+    (0..n)
+        .map(|i| out.with_file_name(format!("{stem}-{i}.{ext}")))
+        .collect()
+}
+
+/// Writes (B, H, W, 3) images in [0, 1] as 8-bit PNGs (`round(x * 255)`, as diffusers).
+pub fn save_images(images: &Tensor, out: &Path) -> Result<Vec<PathBuf>> {
+    let (b, h, w, c) = images.dims4()?;
+    if c != 3 {
+        return Err(Error::InvalidArgument(format!(
+            "expected RGB images, got {c} channels"
+        )));
+    }
+    let paths = image_paths(out, b);
+    for (i, p) in paths.iter().enumerate() {
+        let px: Vec<u8> = images
+            .get(i)?
+            .flatten_all()?
+            .to_dtype(DType::F32)?
+            .to_vec1::<f32>()?
+            .into_iter()
+            .map(|v| (v.clamp(0.0, 1.0) * 255.0).round() as u8)
+            .collect();
+        let buf =
+            image::RgbImage::from_raw(w as u32, h as u32, px).ok_or_else(|| Error::Image {
+                path: p.clone(),
+                reason: "pixel buffer has the wrong size".into(),
+            })?;
+        buf.save(p).map_err(|e| Error::Image {
+            path: p.clone(),
+            reason: format!("cannot write PNG: {e}"),
+        })?;
+    }
+    Ok(paths)
+}
+
+/// (B, 3, H, W) in about [-1, 1] to (B, H, W, 3) in [0, 1], as diffusers' postprocess.
+pub fn to_unit_hwc(x: &Tensor) -> Result<Tensor> {
+    Ok(((x / 2.0)? + 0.5)?
+        .clamp(0f32, 1f32)?
+        .permute((0, 2, 3, 1))?
+        .contiguous()?)
+}

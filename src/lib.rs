@@ -1,0 +1,18 @@
+//! lowtide: run diffusers-format diffusion models in small memory.
+//!
+//! Data flows one way: files ([`weights`]) → parameter handles resolved by the residency manager
+//! ([`residency`]) → layers and models ([`layers`], [`models`]) → [`schedulers`] and
+//! [`pipelines`] → images ([`io`]).
+
+pub mod error;
+pub mod io;
+pub mod layers;
+pub mod models;
+pub mod pipelines;
+pub mod residency;
+pub mod rng;
+pub mod schedulers;
+pub mod tokenizer;
+pub mod weights;
+
+pub use error::{Error, Result};

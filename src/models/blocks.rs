@@ -1,0 +1,305 @@
+//! Blocks shared by the UNet and the VAE (diffusers' resnet.py, attention_processor.py,
+//! transformers_2d.py, downsampling.py, upsampling.py).
+
+use candle_core::Tensor;
+
+use crate::error::Result;
+use crate::layers::{attention, Conv2d, GroupNorm, LayerNorm, Linear};
+use crate::residency::ParamPath;
+
+/// `ResnetBlock2D` with `time_embedding_norm="default"`, `output_scale_factor` 1.
+pub struct ResnetBlock2D {
+    norm1: GroupNorm,
+    conv1: Conv2d,
+    time_emb_proj: Option<Linear>,
+    norm2: GroupNorm,
+    conv2: Conv2d,
+    conv_shortcut: Option<Conv2d>,
+    output_scale_factor: f64,
+}
+
+impl ResnetBlock2D {
+    pub fn new(
+        pp: &ParamPath,
+        in_c: usize,
+        out_c: usize,
+        temb_c: Option<usize>,
+        groups: usize,
+        eps: f64,
+        output_scale_factor: f64,
+    ) -> Self {
+        Self {
+            norm1: GroupNorm::new(&pp.pp("norm1"), groups, in_c, eps),
+            conv1: Conv2d::new(&pp.pp("conv1"), in_c, out_c, 3, 1, 1),
+            time_emb_proj: temb_c.map(|t| Linear::new(&pp.pp("time_emb_proj"), t, out_c, true)),
+            norm2: GroupNorm::new(&pp.pp("norm2"), groups, out_c, eps),
+            conv2: Conv2d::new(&pp.pp("conv2"), out_c, out_c, 3, 1, 1),
+            conv_shortcut: (in_c != out_c)
+                .then(|| Conv2d::new(&pp.pp("conv_shortcut"), in_c, out_c, 1, 1, 0)),
+            output_scale_factor,
+        }
+    }
+
+    pub fn forward(&self, x: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
+        let mut h = self.conv1.forward(&self.norm1.forward(x)?.silu()?)?;
+        if let (Some(proj), Some(t)) = (&self.time_emb_proj, temb) {
+            let t = proj.forward(&t.silu()?)?.unsqueeze(2)?.unsqueeze(3)?;
+            h = h.broadcast_add(&t)?;
+        }
+        let h = self.conv2.forward(&self.norm2.forward(&h)?.silu()?)?;
+        let x = match &self.conv_shortcut {
+            Some(c) => c.forward(x)?,
+            None => x.clone(),
+        };
+        let out = (x + h)?;
+        Ok(if self.output_scale_factor != 1.0 {
+            (out / self.output_scale_factor)?
+        } else {
+            out
+        })
+    }
+}
+
+/// diffusers' `Attention` with separate q/k/v projections, over (batch, seq, dim).
+pub struct Attention {
+    to_q: Linear,
+    to_k: Linear,
+    to_v: Linear,
+    to_out: Linear,
+    heads: usize,
+}
+
+impl Attention {
+    pub fn new(
+        pp: &ParamPath,
+        query_dim: usize,
+        context_dim: Option<usize>,
+        heads: usize,
+        head_dim: usize,
+        qkv_bias: bool,
+    ) -> Self {
+        let inner = heads * head_dim;
+        let ctx = context_dim.unwrap_or(query_dim);
+        Self {
+            to_q: Linear::new(&pp.pp("to_q"), query_dim, inner, qkv_bias),
+            to_k: Linear::new(&pp.pp("to_k"), ctx, inner, qkv_bias),
+            to_v: Linear::new(&pp.pp("to_v"), ctx, inner, qkv_bias),
+            to_out: Linear::new(&pp.pp("to_out").pp(0), inner, query_dim, true),
+            heads,
+        }
+    }
+
+    pub fn forward(&self, x: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
+        let ctx = context.unwrap_or(x);
+        let (b, n, _) = x.dims3()?;
+        let q = self.to_q.forward(x)?;
+        let k = self.to_k.forward(ctx)?;
+        let v = self.to_v.forward(ctx)?;
+        let inner = q.dim(2)?;
+        let hd = inner / self.heads;
+        let split = |t: Tensor| -> Result<Tensor> {
+            let m = t.dim(1)?;
+            Ok(t.reshape((b, m, self.heads, hd))?
+                .transpose(1, 2)?
+                .contiguous()?)
+        };
+        let o = attention(&split(q)?, &split(k)?, &split(v)?, None)?
+            .transpose(1, 2)?
+            .reshape((b, n, inner))?;
+        self.to_out.forward(&o)
+    }
+}
+
+/// `BasicTransformerBlock`: self-attention, cross-attention, GEGLU feed-forward.
+struct BasicTransformerBlock {
+    norm1: LayerNorm,
+    attn1: Attention,
+    norm2: LayerNorm,
+    attn2: Attention,
+    norm3: LayerNorm,
+    ff_proj: Linear,
+    ff_out: Linear,
+    only_cross_attention: bool,
+}
+
+impl BasicTransformerBlock {
+    fn new(
+        pp: &ParamPath,
+        dim: usize,
+        heads: usize,
+        head_dim: usize,
+        cross_dim: usize,
+        only_cross_attention: bool,
+    ) -> Self {
+        let ff_inner = dim * 4;
+        let attn1_ctx = only_cross_attention.then_some(cross_dim);
+        Self {
+            norm1: LayerNorm::new(&pp.pp("norm1"), dim, 1e-5),
+            attn1: Attention::new(&pp.pp("attn1"), dim, attn1_ctx, heads, head_dim, false),
+            norm2: LayerNorm::new(&pp.pp("norm2"), dim, 1e-5),
+            attn2: Attention::new(
+                &pp.pp("attn2"),
+                dim,
+                Some(cross_dim),
+                heads,
+                head_dim,
+                false,
+            ),
+            norm3: LayerNorm::new(&pp.pp("norm3"), dim, 1e-5),
+            ff_proj: Linear::new(
+                &pp.pp("ff").pp("net").pp(0).pp("proj"),
+                dim,
+                ff_inner * 2,
+                true,
+            ),
+            ff_out: Linear::new(&pp.pp("ff").pp("net").pp(2), ff_inner, dim, true),
+            only_cross_attention,
+        }
+    }
+
+    fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
+        let n = self.norm1.forward(x)?;
+        let ctx1 = self.only_cross_attention.then_some(context);
+        let x = (self.attn1.forward(&n, ctx1)? + x)?;
+        let n = self.norm2.forward(&x)?;
+        let x = (self.attn2.forward(&n, Some(context))? + x)?;
+        let n = self.norm3.forward(&x)?;
+        let p = self.ff_proj.forward(&n)?;
+        let half = p.dim(2)? / 2;
+        let (hidden, gate) = (p.narrow(2, 0, half)?, p.narrow(2, half, half)?);
+        let ff = self.ff_out.forward(&(hidden * gate.gelu_erf()?)?)?;
+        Ok((ff + x)?)
+    }
+}
+
+enum Proj {
+    Linear(Linear),
+    Conv(Conv2d),
+}
+
+/// `Transformer2DModel` for continuous inputs (the UNet's spatial transformer).
+pub struct Transformer2D {
+    norm: GroupNorm,
+    proj_in: Proj,
+    blocks: Vec<BasicTransformerBlock>,
+    proj_out: Proj,
+}
+
+pub struct Transformer2DParams {
+    pub heads: usize,
+    pub head_dim: usize,
+    pub in_channels: usize,
+    pub layers: usize,
+    pub cross_dim: usize,
+    pub groups: usize,
+    pub use_linear_projection: bool,
+    pub only_cross_attention: bool,
+}
+
+impl Transformer2D {
+    pub fn new(pp: &ParamPath, p: &Transformer2DParams) -> Self {
+        let inner = p.heads * p.head_dim;
+        let c = p.in_channels;
+        let (proj_in, proj_out) = if p.use_linear_projection {
+            (
+                Proj::Linear(Linear::new(&pp.pp("proj_in"), c, inner, true)),
+                Proj::Linear(Linear::new(&pp.pp("proj_out"), inner, c, true)),
+            )
+        } else {
+            (
+                Proj::Conv(Conv2d::new(&pp.pp("proj_in"), c, inner, 1, 1, 0)),
+                Proj::Conv(Conv2d::new(&pp.pp("proj_out"), inner, c, 1, 1, 0)),
+            )
+        };
+        let blocks = (0..p.layers)
+            .map(|i| {
+                BasicTransformerBlock::new(
+                    &pp.pp("transformer_blocks").pp(i),
+                    inner,
+                    p.heads,
+                    p.head_dim,
+                    p.cross_dim,
+                    p.only_cross_attention,
+                )
+            })
+            .collect();
+        Self {
+            norm: GroupNorm::new(&pp.pp("norm"), p.groups, c, 1e-6),
+            proj_in,
+            blocks,
+            proj_out,
+        }
+    }
+
+    pub fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = x.dims4()?;
+        let residual = x;
+        let x = self.norm.forward(x)?;
+        let to_seq = |t: Tensor| -> Result<Tensor> {
+            let inner = t.dim(1)?;
+            Ok(t.permute((0, 2, 3, 1))?.reshape((b, h * w, inner))?)
+        };
+        let mut s = match &self.proj_in {
+            Proj::Conv(conv) => to_seq(conv.forward(&x)?)?,
+            Proj::Linear(lin) => lin.forward(&to_seq(x)?)?,
+        };
+        for blk in &self.blocks {
+            s = blk.forward(&s, context)?;
+        }
+        let from_seq = |t: Tensor| -> Result<Tensor> {
+            let inner = t.dim(2)?;
+            Ok(t.reshape((b, h, w, inner))?
+                .permute((0, 3, 1, 2))?
+                .contiguous()?)
+        };
+        let out = match &self.proj_out {
+            Proj::Conv(conv) => conv.forward(&from_seq(s)?)?,
+            Proj::Linear(lin) => from_seq(lin.forward(&s)?)?,
+        };
+        debug_assert_eq!(out.dims4()?, (b, c, h, w));
+        Ok((out + residual)?)
+    }
+}
+
+/// `Downsample2D` with a strided 3x3 conv. `padding == 0` pads right/bottom by one first (VAE).
+pub struct Downsample2D {
+    conv: Conv2d,
+    padding: usize,
+}
+
+impl Downsample2D {
+    pub fn new(pp: &ParamPath, channels: usize, padding: usize) -> Self {
+        Self {
+            conv: Conv2d::new(&pp.pp("conv"), channels, channels, 3, 2, padding),
+            padding,
+        }
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if self.padding == 0 {
+            let x = x.pad_with_zeros(3, 0, 1)?.pad_with_zeros(2, 0, 1)?;
+            self.conv.forward(&x)
+        } else {
+            self.conv.forward(x)
+        }
+    }
+}
+
+/// `Upsample2D`: nearest-neighbour resize (2x, or to an explicit size) then a 3x3 conv.
+pub struct Upsample2D {
+    conv: Conv2d,
+}
+
+impl Upsample2D {
+    pub fn new(pp: &ParamPath, channels: usize) -> Self {
+        Self {
+            conv: Conv2d::new(&pp.pp("conv"), channels, channels, 3, 1, 1),
+        }
+    }
+
+    pub fn forward(&self, x: &Tensor, size: Option<(usize, usize)>) -> Result<Tensor> {
+        let (_, _, h, w) = x.dims4()?;
+        let (th, tw) = size.unwrap_or((h * 2, w * 2));
+        self.conv.forward(&x.upsample_nearest2d(th, tw)?)
+    }
+}

@@ -1,0 +1,248 @@
+//! Finding and opening a diffusers pipeline: a folder, or a Hugging Face repo id resolved from
+//! the local cache (downloading only when the network allows and the cache lacks it).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::{DType, Device};
+use serde_json::Value;
+
+use crate::error::{read_json, Error, Result};
+use crate::residency::{ParamPath, ResidentWeights, WeightProvider};
+use crate::weights::WeightStore;
+
+/// `model_index.json`: the pipeline class and, per component, `[library, class]`.
+#[derive(Debug, Clone)]
+pub struct ModelIndex {
+    pub class_name: String,
+    pub components: BTreeMap<String, (Option<String>, Option<String>)>,
+}
+
+impl ModelIndex {
+    pub fn read(root: &Path) -> Result<Self> {
+        let path = root.join("model_index.json");
+        if !root.is_dir() {
+            return Err(Error::NotFound {
+                what: "model folder".into(),
+                path: root.to_path_buf(),
+                hint: "pass a diffusers pipeline folder or a cached repo id to --model".into(),
+            });
+        }
+        let v: Value = read_json(&path)?;
+        let obj = v.as_object().ok_or_else(|| {
+            Error::unsupported(
+                path.display().to_string(),
+                "(root)",
+                "not an object",
+                "expected a JSON object",
+            )
+        })?;
+        let class_name = obj
+            .get("_class_name")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string();
+        let mut components = BTreeMap::new();
+        for (k, v) in obj {
+            if k.starts_with('_') {
+                continue;
+            }
+            if let Some(arr) = v.as_array() {
+                let s = |i: usize| arr.get(i).and_then(Value::as_str).map(String::from);
+                components.insert(k.clone(), (s(0), s(1)));
+            }
+        }
+        Ok(Self {
+            class_name,
+            components,
+        })
+    }
+
+    /// The class of a component, or an error if the pipeline does not have it.
+    pub fn class_of(&self, root: &Path, name: &str) -> Result<String> {
+        match self.components.get(name) {
+            Some((_, Some(c))) => Ok(c.clone()),
+            _ => Err(Error::NotFound {
+                what: format!("component `{name}`"),
+                path: root.join("model_index.json"),
+                hint: "model_index.json does not list it; is this a Stable Diffusion pipeline?"
+                    .into(),
+            }),
+        }
+    }
+}
+
+/// The Hugging Face hub cache folder, as huggingface_hub resolves it.
+pub fn hf_cache_dir() -> PathBuf {
+    if let Some(p) = std::env::var_os("HF_HUB_CACHE").filter(|p| !p.is_empty()) {
+        return PathBuf::from(p);
+    }
+    if let Some(p) = std::env::var_os("HF_HOME").filter(|p| !p.is_empty()) {
+        return PathBuf::from(p).join("hub");
+    }
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_default();
+    home.join(".cache").join("huggingface").join("hub")
+}
+
+fn looks_like_repo_id(s: &str) -> bool {
+    let parts: Vec<&str> = s.split('/').collect();
+    (1..=2).contains(&parts.len())
+        && parts.iter().all(|p| {
+            !p.is_empty()
+                && !p.starts_with('.')
+                && p.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        })
+}
+
+/// The snapshot folder of `repo` in a hub cache, if it holds a pipeline.
+pub fn find_in_cache(cache: &Path, repo: &str, revision: &str) -> Option<PathBuf> {
+    let repo_dir = cache.join(format!("models--{}", repo.replace('/', "--")));
+    let snapshots = repo_dir.join("snapshots");
+    let by_ref = std::fs::read_to_string(repo_dir.join("refs").join(revision))
+        .ok()
+        .map(|h| snapshots.join(h.trim()));
+    let direct = snapshots.join(revision);
+    let candidates: Vec<PathBuf> = by_ref
+        .into_iter()
+        .chain(std::iter::once(direct))
+        .chain(
+            std::fs::read_dir(&snapshots)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|e| e.path()),
+        )
+        .collect();
+    candidates
+        .into_iter()
+        .find(|p| p.join("model_index.json").is_file())
+}
+
+/// Resolves `--model`: an existing folder, else a repo id from the local cache, else a download.
+pub fn resolve_model(arg: &str, variant: Option<&str>) -> Result<PathBuf> {
+    let p = Path::new(arg);
+    if p.exists() {
+        return Ok(p.to_path_buf());
+    }
+    if !looks_like_repo_id(arg) {
+        return Err(Error::NotFound {
+            what: "model folder".into(),
+            path: p.to_path_buf(),
+            hint: "pass a diffusers pipeline folder or a Hugging Face repo id".into(),
+        });
+    }
+    let cache = hf_cache_dir();
+    if let Some(dir) = find_in_cache(&cache, arg, "main") {
+        return Ok(dir);
+    }
+    let offline = std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| !v.is_empty() && v != "0");
+    let looked = format!(
+        "{} (set by HF_HUB_CACHE, else HF_HOME/hub, else ~/.cache/huggingface/hub)",
+        cache
+            .join(format!("models--{}", arg.replace('/', "--")))
+            .display()
+    );
+    if offline {
+        return Err(Error::ModelNotCached {
+            repo: arg.into(),
+            looked_in: looked,
+            hint: "HF_HUB_OFFLINE is set, so nothing was downloaded; download it with `huggingface-cli download` or pass a folder".into(),
+        });
+    }
+    download(arg, variant, &cache).map_err(|e| Error::ModelNotCached {
+        repo: arg.into(),
+        looked_in: looked,
+        hint: format!("downloading it failed too ({e}); pass a local folder, or fill the cache where the network allows"),
+    })
+}
+
+/// Fetches what a Stable Diffusion pipeline needs into the hub cache (hf-hub), returning the
+/// snapshot folder.
+fn download(
+    repo: &str,
+    variant: Option<&str>,
+    cache: &Path,
+) -> std::result::Result<PathBuf, String> {
+    let api = hf_hub::api::sync::ApiBuilder::from_cache(hf_hub::Cache::new(cache.to_path_buf()))
+        .with_progress(false)
+        .build()
+        .map_err(|e| e.to_string())?;
+    let r = api.model(repo.to_string());
+    let index = r.get("model_index.json").map_err(|e| e.to_string())?;
+    let root = index
+        .parent()
+        .ok_or("unexpected cache layout")?
+        .to_path_buf();
+    let v = variant.map(|v| format!(".{v}")).unwrap_or_default();
+    let files = [
+        "scheduler/scheduler_config.json".to_string(),
+        "text_encoder/config.json".into(),
+        format!("text_encoder/model{v}.safetensors"),
+        "tokenizer/vocab.json".into(),
+        "tokenizer/merges.txt".into(),
+        "tokenizer/tokenizer_config.json".into(),
+        "tokenizer/special_tokens_map.json".into(),
+        "unet/config.json".into(),
+        format!("unet/diffusion_pytorch_model{v}.safetensors"),
+        "vae/config.json".into(),
+        format!("vae/diffusion_pytorch_model{v}.safetensors"),
+    ];
+    for f in files {
+        // Optional files (special_tokens_map, say) may be absent; required ones are checked at load.
+        let _ = r.get(&f);
+    }
+    Ok(root)
+}
+
+/// One component opened for use: its provider and the path root for its parameters.
+pub struct Component {
+    pub name: String,
+    pub dir: PathBuf,
+    pub weights: Arc<ResidentWeights>,
+}
+
+impl Component {
+    pub fn open(
+        root: &Path,
+        name: &str,
+        stem: &str,
+        variant: Option<&str>,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self> {
+        let dir = root.join(name);
+        if !dir.is_dir() {
+            return Err(Error::NotFound {
+                what: format!("component folder `{name}`"),
+                path: dir,
+                hint: "the pipeline folder is incomplete".into(),
+            });
+        }
+        let store = WeightStore::open_component(&dir, stem, variant)?;
+        Ok(Self {
+            name: name.into(),
+            dir,
+            weights: Arc::new(ResidentWeights::new(store, device.clone(), dtype)),
+        })
+    }
+
+    pub fn param_root(&self) -> ParamPath {
+        ParamPath::root(self.weights.clone() as Arc<dyn WeightProvider>)
+    }
+
+    /// Checks every declared parameter against the checkpoint (names, shapes, dtypes).
+    pub fn validate(&self, pp: &ParamPath) -> Result<()> {
+        for spec in pp.declared() {
+            self.weights.store().check(&spec.name, &spec.shape)?;
+        }
+        Ok(())
+    }
+
+    pub fn config<T: serde::de::DeserializeOwned>(&self) -> Result<T> {
+        read_json(&self.dir.join("config.json"))
+    }
+}

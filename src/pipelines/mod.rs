@@ -1,0 +1,7 @@
+//! Pipelines: components wired together, from a model folder to images.
+
+pub mod loader;
+pub mod stable_diffusion;
+
+pub use loader::{hf_cache_dir, resolve_model, Component, ModelIndex};
+pub use stable_diffusion::{GenerateOutput, GenerateRequest, LoadOptions, StableDiffusion};

@@ -1,0 +1,338 @@
+//! Stable Diffusion 1.x / 2.x: text-to-image and image-to-image, step for step as diffusers'
+//! `StableDiffusionPipeline` and `StableDiffusionImg2ImgPipeline`.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+
+use super::loader::{Component, ModelIndex};
+use crate::error::{read_json, Error, Result};
+use crate::models::{
+    AutoencoderKL, AutoencoderKLConfig, ClipTextConfig, ClipTextModel, UNet2DConditionConfig,
+    UNet2DConditionModel,
+};
+use crate::rng::TorchRng;
+use crate::schedulers::{self, SchedulerConfig, SchedulerKind};
+use crate::tokenizer::ClipTokenizer;
+
+/// How to open a pipeline.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    pub device: Device,
+    /// Compute dtype; stored weights are converted to it as they are read.
+    pub dtype: DType,
+    /// Weight file variant (`fp16` reads `*.fp16.safetensors`).
+    pub variant: Option<String>,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            device: Device::Cpu,
+            dtype: DType::F32,
+            variant: None,
+        }
+    }
+}
+
+pub struct StableDiffusion {
+    pub root: PathBuf,
+    pub tokenizer: ClipTokenizer,
+    pub text_encoder: ClipTextModel,
+    pub unet: UNet2DConditionModel,
+    pub vae: AutoencoderKL,
+    pub scheduler_config: SchedulerConfig,
+    pub default_scheduler: SchedulerKind,
+    pub components: Vec<Component>,
+    pub options: LoadOptions,
+}
+
+/// What to generate.
+#[derive(Debug, Clone)]
+pub struct GenerateRequest {
+    pub prompt: String,
+    pub negative_prompt: Option<String>,
+    pub steps: usize,
+    pub guidance: f64,
+    pub scheduler: Option<SchedulerKind>,
+    pub seed: u64,
+    pub width: Option<usize>,
+    pub height: Option<usize>,
+    pub num_images: usize,
+    /// Initial latents (B, C, h, w), exactly as diffusers' `latents=`.
+    pub latents: Option<Tensor>,
+    /// img2img: the init image (1, 3, H, W) in [-1, 1] and the strength in (0, 1].
+    pub init_image: Option<Tensor>,
+    pub strength: f64,
+}
+
+impl Default for GenerateRequest {
+    fn default() -> Self {
+        Self {
+            prompt: String::new(),
+            negative_prompt: None,
+            steps: 50,
+            guidance: 7.5,
+            scheduler: None,
+            seed: 0,
+            width: None,
+            height: None,
+            num_images: 1,
+            latents: None,
+            init_image: None,
+            strength: 0.8,
+        }
+    }
+}
+
+pub struct GenerateOutput {
+    /// (B, 77, D) text embeddings of the prompt.
+    pub prompt_embeds: Tensor,
+    /// (B, C, h, w) latents after the last step, before VAE scaling.
+    pub final_latents: Tensor,
+    /// (B, H, W, 3) in [0, 1], before 8-bit quantisation.
+    pub image: Tensor,
+}
+
+impl StableDiffusion {
+    pub fn load(root: &Path, opts: LoadOptions) -> Result<Self> {
+        let index = ModelIndex::read(root)?;
+        let variant = opts.variant.as_deref();
+        let (dev, dt) = (&opts.device, opts.dtype);
+        let expect = |name: &str, allowed: &[&str]| -> Result<()> {
+            let class = index.class_of(root, name)?;
+            if !allowed.contains(&class.as_str()) {
+                return Err(Error::unsupported(
+                    "model_index.json",
+                    name,
+                    format!("\"{class}\""),
+                    format!("supported: {}", allowed.join(", ")),
+                ));
+            }
+            Ok(())
+        };
+        expect("text_encoder", &["CLIPTextModel"])?;
+        expect("tokenizer", &["CLIPTokenizer", "CLIPTokenizerFast"])?;
+        expect("unet", &["UNet2DConditionModel"])?;
+        expect("vae", &["AutoencoderKL"])?;
+        let sched_class = index.class_of(root, "scheduler")?;
+        let default_scheduler = SchedulerKind::from_class_name(&sched_class)?;
+        let scheduler_config: SchedulerConfig =
+            read_json(&root.join("scheduler").join("scheduler_config.json"))?;
+
+        let te = Component::open(root, "text_encoder", "model", variant, dev, dt)?;
+        let te_cfg: ClipTextConfig = te.config()?;
+        let pp = te.param_root();
+        let text_encoder = ClipTextModel::new(&pp, &te_cfg)?;
+        te.validate(&pp)?;
+
+        let unet_c = Component::open(root, "unet", "diffusion_pytorch_model", variant, dev, dt)?;
+        let unet_cfg: UNet2DConditionConfig = unet_c.config()?;
+        let pp = unet_c.param_root();
+        let unet = UNet2DConditionModel::new(&pp, &unet_cfg)?;
+        unet_c.validate(&pp)?;
+
+        let vae_c = Component::open(root, "vae", "diffusion_pytorch_model", variant, dev, dt)?;
+        let vae_cfg: AutoencoderKLConfig = vae_c.config()?;
+        let pp = vae_c.param_root();
+        let vae = AutoencoderKL::new(&pp, &vae_cfg)?;
+        vae_c.validate(&pp)?;
+
+        let tokenizer =
+            ClipTokenizer::from_dir(&root.join("tokenizer"), te_cfg.max_position_embeddings)?;
+        if tokenizer.vocab_size() > te_cfg.vocab_size {
+            return Err(Error::Tokenizer(format!(
+                "the tokenizer has {} tokens but the text encoder embeds only {}",
+                tokenizer.vocab_size(),
+                te_cfg.vocab_size
+            )));
+        }
+        Ok(Self {
+            root: root.to_path_buf(),
+            tokenizer,
+            text_encoder,
+            unet,
+            vae,
+            scheduler_config,
+            default_scheduler,
+            components: vec![te, unet_c, vae_c],
+            options: opts,
+        })
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.options.device
+    }
+
+    /// Pixels per latent cell.
+    pub fn vae_scale_factor(&self) -> usize {
+        self.vae.config().scale_factor()
+    }
+
+    pub fn latent_channels(&self) -> usize {
+        self.unet.config().in_channels
+    }
+
+    /// Text embeddings (1, seq, D) for one prompt.
+    pub fn encode_text(&self, text: &str) -> Result<Tensor> {
+        let ids = self.tokenizer.encode_padded(text)?;
+        let n = ids.len();
+        let ids = Tensor::from_vec(ids, (1, n), self.device())?;
+        self.text_encoder.forward(&ids, self.options.dtype)
+    }
+
+    fn randn(&self, rng: &mut TorchRng, shape: &[usize]) -> Result<Tensor> {
+        let n = shape.iter().product();
+        Ok(Tensor::from_vec(rng.randn(n), shape, self.device())?.to_dtype(self.options.dtype)?)
+    }
+
+    /// Runs txt2img (or img2img when `init_image` is set). `on_step(i, total)` reports progress.
+    pub fn generate(
+        &self,
+        req: &GenerateRequest,
+        on_step: &mut dyn FnMut(usize, usize),
+    ) -> Result<GenerateOutput> {
+        if req.num_images == 0 {
+            return Err(Error::InvalidArgument(
+                "--num-images must be at least 1".into(),
+            ));
+        }
+        if !req.guidance.is_finite() {
+            return Err(Error::InvalidArgument(
+                "--guidance must be a finite number".into(),
+            ));
+        }
+        let f = self.vae_scale_factor();
+        let c = self.latent_channels();
+        let b = req.num_images;
+        let dtype = self.options.dtype;
+        let kind = req.scheduler.unwrap_or(self.default_scheduler);
+        let mut sched = schedulers::build(kind, &self.scheduler_config, req.steps)?;
+        let mut rng = TorchRng::new(req.seed);
+
+        // Size: explicit, else from the init image or latents, else the UNet's sample size.
+        let (height, width) = if let Some(img) = &req.init_image {
+            let (_, _, h, w) = img.dims4()?;
+            (h, w)
+        } else if let (None, None, Some(l)) = (req.height, req.width, &req.latents) {
+            let (_, _, h, w) = l.dims4()?;
+            (h * f, w * f)
+        } else {
+            let d = self.unet.config().sample_size.unwrap_or(64) * f;
+            (req.height.unwrap_or(d), req.width.unwrap_or(d))
+        };
+        let multiple = 8 * f / gcd(8, f);
+        if height == 0 || width == 0 || height % multiple != 0 || width % multiple != 0 {
+            return Err(Error::InvalidArgument(format!(
+                "width and height must be positive multiples of {multiple} (the VAE scale factor {f} and diffusers' rule of 8); got {width}x{height}"
+            )));
+        }
+        let (h, w) = (height / f, width / f);
+
+        let cond = self.encode_text(&req.prompt)?;
+        let cfg = req.guidance > 1.0;
+        let prompt_embeds = cond.repeat((b, 1, 1))?;
+        let context = if cfg {
+            let neg = self.encode_text(req.negative_prompt.as_deref().unwrap_or(""))?;
+            Tensor::cat(&[&neg.repeat((b, 1, 1))?, &prompt_embeds], 0)?
+        } else {
+            prompt_embeds.clone()
+        };
+
+        let all_ts = sched.timesteps().to_vec();
+        let (timesteps, mut latents) = if let Some(img) = &req.init_image {
+            if req.latents.is_some() {
+                return Err(Error::InvalidArgument(
+                    "--latents and --init-image cannot be combined".into(),
+                ));
+            }
+            if !(req.strength > 0.0 && req.strength <= 1.0) {
+                return Err(Error::InvalidArgument(format!(
+                    "--strength must be in (0, 1]; got {}",
+                    req.strength
+                )));
+            }
+            let steps = req.steps;
+            let init_t = ((steps as f64 * req.strength) as usize).min(steps);
+            let t_start = steps - init_t;
+            if init_t == 0 {
+                return Err(Error::InvalidArgument(format!(
+                    "--strength {} with {steps} steps leaves no denoising step; raise either",
+                    req.strength
+                )));
+            }
+            let start = (t_start * sched.order()).min(all_ts.len());
+            let ts = all_ts[start..].to_vec();
+            sched.set_begin_index(start);
+            let dist = self.vae.encode(&img.to_dtype(dtype)?)?;
+            let eps = self.randn(&mut rng, dist.mean.dims())?;
+            let sample = (&dist.mean + (dist.std()? * eps)?)?;
+            let init = (sample * self.vae.config().scaling_factor)?;
+            let init = init.repeat((b, 1, 1, 1))?;
+            let noise = self.randn(&mut rng, init.dims())?;
+            let lat = sched.add_noise(&init, &noise, ts[0])?;
+            (ts, lat)
+        } else {
+            let lat = match &req.latents {
+                Some(l) => {
+                    let want = [b, c, h, w];
+                    if l.dims() != want {
+                        return Err(Error::InvalidArgument(format!(
+                            "--latents has shape {:?}, expected {want:?} for {b} image(s) at {width}x{height}",
+                            l.dims()
+                        )));
+                    }
+                    l.to_device(self.device())?.to_dtype(dtype)?
+                }
+                None => self.randn(&mut rng, &[b, c, h, w])?,
+            };
+            (all_ts, (lat * sched.init_noise_sigma())?)
+        };
+
+        let total = timesteps.len();
+        for (i, &t) in timesteps.iter().enumerate() {
+            let inp = if cfg {
+                Tensor::cat(&[&latents, &latents], 0)?
+            } else {
+                latents.clone()
+            };
+            let inp = sched.scale_model_input(&inp, t)?;
+            let out = self.unet.forward(&inp, t, &context)?;
+            let out = if cfg {
+                let uncond = out.narrow(0, 0, b)?;
+                let text = out.narrow(0, b, b)?;
+                (&uncond + ((text - &uncond)? * req.guidance)?)?
+            } else {
+                out
+            };
+            latents = sched.step(&out, t, &latents, &mut rng)?;
+            on_step(i + 1, total);
+        }
+
+        let image = self.decode_to_image(&latents)?;
+        Ok(GenerateOutput {
+            prompt_embeds,
+            final_latents: latents,
+            image,
+        })
+    }
+
+    /// VAE-decodes scaled latents into (B, H, W, 3) images in [0, 1].
+    pub fn decode_to_image(&self, latents: &Tensor) -> Result<Tensor> {
+        let z = (latents / self.vae.config().scaling_factor)?;
+        let x = self.vae.decode(&z)?;
+        Ok(((x / 2.0)? + 0.5)?
+            .clamp(0f32, 1f32)?
+            .permute((0, 2, 3, 1))?
+            .to_dtype(DType::F32)?
+            .contiguous()?)
+    }
+}
+
+fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
+}

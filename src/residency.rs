@@ -1,0 +1,213 @@
+//! Residency: the one place that decides when a weight is materialised and where.
+//!
+//! Layers never hold weight tensors. They hold [`Param`] handles (a name, an expected shape and the
+//! component's [`WeightProvider`]) and resolve them at forward time. Modules that form natural
+//! offload units announce themselves with [`WeightProvider::enter`]/[`WeightProvider::exit`], so a
+//! provider can load a block's weights before it runs and drop them after. This foundation ships
+//! the simplest provider, [`ResidentWeights`]: everything is loaded once and stays.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::error::Result;
+use crate::weights::WeightStore;
+
+/// What a layer declares it needs: a tensor name (relative to its component) and shape.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParamSpec {
+    pub name: String,
+    pub shape: Vec<usize>,
+}
+
+/// Source of a component's weights at forward time.
+pub trait WeightProvider: Send + Sync {
+    /// The tensor for `spec`, on the execution device in the compute dtype.
+    fn get(&self, spec: &ParamSpec) -> Result<Tensor>;
+    /// A module (e.g. `down_blocks.1`) is about to run.
+    fn enter(&self, _module: &str) -> Result<()> {
+        Ok(())
+    }
+    /// A module has finished running.
+    fn exit(&self, _module: &str) -> Result<()> {
+        Ok(())
+    }
+    fn device(&self) -> &Device;
+    fn dtype(&self) -> DType;
+}
+
+/// A handle to one weight; the only way a layer gets at its parameters.
+#[derive(Clone)]
+pub struct Param {
+    spec: ParamSpec,
+    src: Arc<dyn WeightProvider>,
+}
+
+impl Param {
+    pub fn get(&self) -> Result<Tensor> {
+        self.src.get(&self.spec)
+    }
+    pub fn spec(&self) -> &ParamSpec {
+        &self.spec
+    }
+}
+
+impl std::fmt::Debug for Param {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Param({} {:?})", self.spec.name, self.spec.shape)
+    }
+}
+
+/// Builds a component's parameter handles under a dotted prefix and records every one, so the
+/// whole set can be checked against the checkpoint before anything runs.
+#[derive(Clone)]
+pub struct ParamPath {
+    prefix: String,
+    src: Arc<dyn WeightProvider>,
+    registry: Arc<Mutex<Vec<ParamSpec>>>,
+}
+
+impl ParamPath {
+    pub fn root(src: Arc<dyn WeightProvider>) -> Self {
+        Self {
+            prefix: String::new(),
+            src,
+            registry: Arc::default(),
+        }
+    }
+
+    /// The path one level down (`pp("down_blocks").pp(0)`).
+    pub fn pp(&self, name: impl std::fmt::Display) -> Self {
+        let prefix = if self.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{name}", self.prefix)
+        };
+        Self {
+            prefix,
+            src: self.src.clone(),
+            registry: self.registry.clone(),
+        }
+    }
+
+    pub fn param(&self, name: &str, shape: &[usize]) -> Param {
+        let spec = ParamSpec {
+            name: if self.prefix.is_empty() {
+                name.to_string()
+            } else {
+                format!("{}.{name}", self.prefix)
+            },
+            shape: shape.to_vec(),
+        };
+        self.registry
+            .lock()
+            .expect("param registry poisoned")
+            .push(spec.clone());
+        Param {
+            spec,
+            src: self.src.clone(),
+        }
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    pub fn provider(&self) -> &Arc<dyn WeightProvider> {
+        &self.src
+    }
+
+    /// Every parameter declared so far under this root.
+    pub fn declared(&self) -> Vec<ParamSpec> {
+        self.registry
+            .lock()
+            .expect("param registry poisoned")
+            .clone()
+    }
+}
+
+/// Announces a module to the provider for as long as the guard lives.
+pub struct ModuleScope<'a> {
+    src: &'a dyn WeightProvider,
+    name: &'a str,
+}
+
+impl<'a> ModuleScope<'a> {
+    pub fn enter(src: &'a dyn WeightProvider, name: &'a str) -> Result<Self> {
+        src.enter(name)?;
+        Ok(Self { src, name })
+    }
+    /// Ends the scope, reporting a failure to release (drop cannot).
+    pub fn exit(self) -> Result<()> {
+        let r = self.src.exit(self.name);
+        std::mem::forget(self);
+        r
+    }
+}
+
+impl Drop for ModuleScope<'_> {
+    fn drop(&mut self) {
+        // Reached only on an early return through `?`: the error being propagated matters more.
+        let _ = self.src.exit(self.name);
+    }
+}
+
+/// Everything resident: each weight is read from storage on first use and kept.
+pub struct ResidentWeights {
+    store: WeightStore,
+    device: Device,
+    dtype: DType,
+    cache: Mutex<HashMap<String, Tensor>>,
+}
+
+impl ResidentWeights {
+    pub fn new(store: WeightStore, device: Device, dtype: DType) -> Self {
+        Self {
+            store,
+            device,
+            dtype,
+            cache: Mutex::default(),
+        }
+    }
+
+    pub fn store(&self) -> &WeightStore {
+        &self.store
+    }
+
+    /// Bytes currently materialised.
+    pub fn resident_bytes(&self) -> usize {
+        let cache = self.cache.lock().expect("weight cache poisoned");
+        cache
+            .values()
+            .map(|t| t.elem_count() * t.dtype().size_in_bytes())
+            .sum()
+    }
+}
+
+impl WeightProvider for ResidentWeights {
+    fn get(&self, spec: &ParamSpec) -> Result<Tensor> {
+        if let Some(t) = self
+            .cache
+            .lock()
+            .expect("weight cache poisoned")
+            .get(&spec.name)
+        {
+            return Ok(t.clone());
+        }
+        let t = self
+            .store
+            .load(&spec.name, &spec.shape, self.dtype, &self.device)?;
+        self.cache
+            .lock()
+            .expect("weight cache poisoned")
+            .insert(spec.name.clone(), t.clone());
+        Ok(t)
+    }
+    fn device(&self) -> &Device {
+        &self.device
+    }
+    fn dtype(&self) -> DType {
+        self.dtype
+    }
+}

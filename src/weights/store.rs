@@ -1,0 +1,255 @@
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use safetensors::tensor::{Dtype as StDtype, SafeTensors};
+
+use crate::error::{read_json, Error, Result};
+
+/// One tensor's place in a checkpoint.
+#[derive(Debug, Clone)]
+pub struct StoredTensor {
+    pub file: usize,
+    pub dtype: DType,
+    pub shape: Vec<usize>,
+    /// Absolute byte range in the file.
+    pub start: u64,
+    pub end: u64,
+}
+
+impl StoredTensor {
+    pub fn nbytes(&self) -> u64 {
+        self.end - self.start
+    }
+}
+
+/// Index of every tensor of one component's checkpoint.
+#[derive(Debug)]
+pub struct WeightStore {
+    files: Vec<(PathBuf, File, u64)>,
+    tensors: HashMap<String, StoredTensor>,
+}
+
+#[derive(serde::Deserialize)]
+struct ShardIndex {
+    weight_map: BTreeMap<String, String>,
+}
+
+/// The safetensors files holding a component's weights: `{stem}[.{variant}].safetensors`, or the
+/// shards listed in `{stem}.safetensors.index[.{variant}].json`, as diffusers names them.
+pub fn checkpoint_files(dir: &Path, stem: &str, variant: Option<&str>) -> Result<Vec<PathBuf>> {
+    let (single, index) = match variant {
+        Some(v) => (
+            dir.join(format!("{stem}.{v}.safetensors")),
+            dir.join(format!("{stem}.safetensors.index.{v}.json")),
+        ),
+        None => (
+            dir.join(format!("{stem}.safetensors")),
+            dir.join(format!("{stem}.safetensors.index.json")),
+        ),
+    };
+    if single.is_file() {
+        return Ok(vec![single]);
+    }
+    if index.is_file() {
+        let idx: ShardIndex = read_json(&index)?;
+        let mut shards: Vec<String> = idx.weight_map.into_values().collect();
+        shards.sort();
+        shards.dedup();
+        return Ok(shards.into_iter().map(|s| dir.join(s)).collect());
+    }
+    let hint = match variant {
+        Some(v) => format!(
+            "no `{v}` variant here; drop --variant or use a folder that has {stem}.{v}.safetensors"
+        ),
+        None => {
+            let has_bin = dir.join(format!("{stem}.bin")).is_file();
+            if has_bin {
+                "only a pickle (.bin) checkpoint is present; convert it to safetensors".into()
+            } else if dir.join(format!("{stem}.fp16.safetensors")).is_file() {
+                "only an fp16 variant is present; pass --variant fp16".into()
+            } else {
+                format!("expected {stem}.safetensors or a sharded index")
+            }
+        }
+    };
+    Err(Error::NotFound {
+        what: "checkpoint".into(),
+        path: single,
+        hint,
+    })
+}
+
+fn to_candle_dtype(d: StDtype) -> Option<DType> {
+    Some(match d {
+        StDtype::F32 => DType::F32,
+        StDtype::F16 => DType::F16,
+        StDtype::BF16 => DType::BF16,
+        StDtype::F64 => DType::F64,
+        StDtype::U8 => DType::U8,
+        StDtype::U32 => DType::U32,
+        StDtype::I64 => DType::I64,
+        _ => return None,
+    })
+}
+
+impl WeightStore {
+    /// Opens every file and indexes its tensors. Only headers are read.
+    pub fn open(paths: &[PathBuf]) -> Result<Self> {
+        let mut files = Vec::with_capacity(paths.len());
+        let mut tensors = HashMap::new();
+        for (fi, path) in paths.iter().enumerate() {
+            let file = File::open(path).map_err(|e| {
+                if e.kind() == std::io::ErrorKind::NotFound {
+                    Error::NotFound {
+                        what: "weight file".into(),
+                        path: path.clone(),
+                        hint: "the checkpoint or its shard index is incomplete".into(),
+                    }
+                } else {
+                    Error::io(path, e)
+                }
+            })?;
+            let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+            let corrupt = |reason: String| Error::CorruptSafetensors {
+                path: path.clone(),
+                reason,
+            };
+            if len < 8 {
+                return Err(corrupt(format!("only {len} bytes, too short for a header")));
+            }
+            // SAFETY: the map is only read while parsing the header, below, and dropped after;
+            // the safetensors parser checks every offset against the mapped length.
+            let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+            let (n, meta) = SafeTensors::read_metadata(&mmap).map_err(|e| {
+                corrupt(format!(
+                    "{e:?} (the file is damaged or was not fully downloaded)"
+                ))
+            })?;
+            let data_start = 8 + n as u64;
+            for (name, info) in meta.tensors() {
+                let dtype = to_candle_dtype(info.dtype).ok_or_else(|| Error::DtypeMismatch {
+                    tensor: name.clone(),
+                    path: path.clone(),
+                    found: format!("{:?}", info.dtype),
+                })?;
+                tensors.insert(
+                    name.clone(),
+                    StoredTensor {
+                        file: fi,
+                        dtype,
+                        shape: info.shape.clone(),
+                        start: data_start + info.data_offsets.0 as u64,
+                        end: data_start + info.data_offsets.1 as u64,
+                    },
+                );
+            }
+            files.push((path.clone(), file, len));
+        }
+        Ok(Self { files, tensors })
+    }
+
+    /// Opens a component folder's checkpoint (see [`checkpoint_files`]).
+    pub fn open_component(dir: &Path, stem: &str, variant: Option<&str>) -> Result<Self> {
+        Self::open(&checkpoint_files(dir, stem, variant)?)
+    }
+
+    pub fn get(&self, name: &str) -> Option<&StoredTensor> {
+        self.tensors.get(name)
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &String> {
+        self.tensors.keys()
+    }
+
+    pub fn path_of(&self, t: &StoredTensor) -> &Path {
+        &self.files[t.file].0
+    }
+
+    /// Where the store's tensors come from, for messages.
+    pub fn describe(&self) -> String {
+        match self.files.as_slice() {
+            [(p, _, _)] => p.display().to_string(),
+            fs => format!(
+                "{} shards in {}",
+                fs.len(),
+                fs[0].0.parent().unwrap_or(Path::new(".")).display()
+            ),
+        }
+    }
+
+    /// Checks that `name` exists with `shape` and a floating-point dtype, without reading data.
+    pub fn check(&self, name: &str, shape: &[usize]) -> Result<&StoredTensor> {
+        let t = self.tensors.get(name).ok_or_else(|| Error::MissingTensor {
+            tensor: name.to_string(),
+            location: self.describe(),
+        })?;
+        if t.shape != shape {
+            return Err(Error::ShapeMismatch {
+                tensor: name.to_string(),
+                path: self.path_of(t).to_path_buf(),
+                expected: shape.to_vec(),
+                found: t.shape.clone(),
+            });
+        }
+        if !t.dtype.is_float() {
+            return Err(Error::DtypeMismatch {
+                tensor: name.to_string(),
+                path: self.path_of(t).to_path_buf(),
+                found: format!("{:?}", t.dtype),
+            });
+        }
+        Ok(t)
+    }
+
+    /// Reads one tensor from disk and converts it to `dtype` on `device`.
+    pub fn load(
+        &self,
+        name: &str,
+        shape: &[usize],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor> {
+        let t = self.check(name, shape)?;
+        let (path, file, _) = &self.files[t.file];
+        let mut buf = vec![0u8; t.nbytes() as usize];
+        file.read_exact_at(&mut buf, t.start).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                Error::CorruptSafetensors {
+                    path: path.clone(),
+                    reason: format!(
+                        "tensor `{name}` ends past the end of the file (truncated after it was opened?)"
+                    ),
+                }
+            } else {
+                Error::io(path, e)
+            }
+        })?;
+        let tensor = Tensor::from_raw_buffer(&buf, t.dtype, &t.shape, &Device::Cpu)?;
+        drop(buf);
+        let tensor = if t.dtype == dtype {
+            tensor
+        } else {
+            tensor.to_dtype(dtype)?
+        };
+        Ok(tensor.to_device(device)?)
+    }
+
+    /// Re-checks that no file shrank since it was opened (a replaced or truncated checkpoint).
+    pub fn verify_unchanged(&self) -> Result<()> {
+        for (path, file, len) in &self.files {
+            let now = file.metadata().map_err(|e| Error::io(path, e))?.len();
+            if now != *len {
+                return Err(Error::CorruptSafetensors {
+                    path: path.clone(),
+                    reason: format!(
+                        "its size changed from {len} to {now} bytes after it was opened"
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+}
