@@ -58,6 +58,9 @@ pub enum Error {
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
 
+    #[error("device unavailable: {0}")]
+    DeviceUnavailable(String),
+
     #[error("image {path}: {reason}")]
     Image { path: PathBuf, reason: String },
 

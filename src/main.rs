@@ -1,1 +1,262 @@
-fn main() {}
+//! The `lowtide` command line: argument parsing, progress and error reporting over the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+use lowtide::device::{parse_device, parse_dtype};
+use lowtide::io::{read_image, read_image_arg, read_single_tensor, save_images, save_tensors};
+use lowtide::pipelines::{load_vae, resolve_model, GenerateRequest, LoadOptions, StableDiffusion};
+use lowtide::schedulers::SchedulerKind;
+
+#[derive(Parser)]
+#[command(name = "lowtide", version, about = "Run diffusers-format diffusion models in small memory")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate images from a prompt (txt2img), or from an init image (img2img).
+    Generate(GenerateArgs),
+    /// Run the pipeline's VAE alone.
+    Vae {
+        #[command(subcommand)]
+        command: VaeCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum VaeCommand {
+    /// Decode latents z (as given, no scaling) into images.
+    Decode {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// safetensors file with one tensor (B, C, h, w).
+        #[arg(long)]
+        latents: PathBuf,
+        /// Writes `sample` (B, 3, H, W), unclamped.
+        #[arg(long)]
+        save_tensors: PathBuf,
+        /// Also write PNG images (out.png, or out-0.png, out-1.png… for a batch).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Encode an image into the latent distribution.
+    Encode {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// A PNG, or a safetensors file with one tensor (B, 3, H, W) in [-1, 1].
+        #[arg(long)]
+        image: PathBuf,
+        /// Writes `mean` and `logvar`.
+        #[arg(long)]
+        save_tensors: PathBuf,
+    },
+}
+
+#[derive(Args)]
+struct ModelArgs {
+    /// A diffusers pipeline folder, or a Hugging Face repo id found in the local cache.
+    #[arg(long)]
+    model: String,
+    /// Weight file variant, e.g. `fp16` for `*.fp16.safetensors`.
+    #[arg(long)]
+    variant: Option<String>,
+    /// Compute dtype: f32, f16 or bf16.
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+    /// Execution device: cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+impl ModelArgs {
+    fn open(&self) -> Result<(PathBuf, LoadOptions)> {
+        let device = parse_device(&self.device)?;
+        let dtype = parse_dtype(&self.dtype)?;
+        let root = resolve_model(&self.model, self.variant.as_deref())
+            .with_context(|| format!("cannot find model `{}`", self.model))?;
+        let opts = LoadOptions {
+            device,
+            dtype,
+            variant: self.variant.clone(),
+        };
+        Ok((root, opts))
+    }
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[arg(long)]
+    prompt: String,
+    #[arg(long)]
+    negative_prompt: Option<String>,
+    /// Denoising steps.
+    #[arg(long, default_value_t = 50)]
+    steps: usize,
+    /// Classifier-free guidance scale (off at 1 or below).
+    #[arg(long, default_value_t = 7.5)]
+    guidance: f64,
+    /// pndm, ddim, euler, euler-a or dpmpp-2m (default: the pipeline's own).
+    #[arg(long)]
+    scheduler: Option<String>,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long)]
+    width: Option<usize>,
+    #[arg(long)]
+    height: Option<usize>,
+    #[arg(long, default_value_t = 1)]
+    num_images: usize,
+    /// img2img: the image to start from.
+    #[arg(long, requires = "strength")]
+    init_image: Option<PathBuf>,
+    /// img2img: how much of the schedule to run, in (0, 1].
+    #[arg(long, requires = "init_image")]
+    strength: Option<f64>,
+    /// safetensors file with one tensor (B, C, h, w): the initial latents.
+    #[arg(long, conflicts_with = "init_image")]
+    latents: Option<PathBuf>,
+    #[arg(long, default_value = "out.png")]
+    out: PathBuf,
+    /// Writes `prompt_embeds`, `final_latents` and `image` as f32 safetensors.
+    #[arg(long)]
+    save_tensors: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Generate(args) => generate(args),
+        Command::Vae { command } => vae(command),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn generate(args: GenerateArgs) -> Result<()> {
+    // Check cheap arguments before loading gigabytes.
+    let scheduler = args
+        .scheduler
+        .as_deref()
+        .map(SchedulerKind::from_cli)
+        .transpose()?;
+    if args.steps == 0 {
+        anyhow::bail!("--steps must be at least 1");
+    }
+    if let Some(s) = args.strength {
+        if !(s > 0.0 && s <= 1.0) {
+            anyhow::bail!("--strength must be in (0, 1]; got {s}");
+        }
+    }
+    let (root, opts) = args.model.open()?;
+    let device = opts.device.clone();
+    let init_image = args
+        .init_image
+        .as_deref()
+        .map(|p| read_image(p, &device))
+        .transpose()
+        .context("cannot use --init-image")?;
+    let latents = args
+        .latents
+        .as_deref()
+        .map(|p| read_single_tensor(p, &device))
+        .transpose()
+        .context("cannot use --latents")?;
+    let pipe = StableDiffusion::load(&root, opts)
+        .with_context(|| format!("cannot load the pipeline in {}", root.display()))?;
+    let req = GenerateRequest {
+        prompt: args.prompt,
+        negative_prompt: args.negative_prompt,
+        steps: args.steps,
+        guidance: args.guidance,
+        scheduler,
+        seed: args.seed,
+        width: args.width,
+        height: args.height,
+        num_images: args.num_images,
+        latents,
+        init_image,
+        strength: args.strength.unwrap_or(1.0),
+    };
+    let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
+    bar.set_style(
+        ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {elapsed_precise} ({eta})")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    bar.set_message("denoising");
+    let out = pipe.generate(&req, &mut |i, total| {
+        bar.set_length(total as u64);
+        bar.set_position(i as u64);
+    })?;
+    bar.finish_and_clear();
+
+    for p in save_images(&out.image, &args.out)? {
+        eprintln!("wrote {}", p.display());
+    }
+    if let Some(path) = &args.save_tensors {
+        save_tensors(
+            path,
+            &[
+                ("prompt_embeds", &out.prompt_embeds),
+                ("final_latents", &out.final_latents),
+                ("image", &out.image),
+            ],
+        )?;
+        eprintln!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
+fn vae(command: VaeCommand) -> Result<()> {
+    match command {
+        VaeCommand::Decode {
+            model,
+            latents,
+            save_tensors: dst,
+            out,
+        } => {
+            let (root, opts) = model.open()?;
+            let z = read_single_tensor(&latents, &opts.device).context("cannot use --latents")?;
+            let (vae, _) = load_vae(&root, &opts)
+                .with_context(|| format!("cannot load the VAE of {}", root.display()))?;
+            let sample = vae.decode(&z.to_dtype(opts.dtype)?)?;
+            save_tensors(&dst, &[("sample", &sample)])?;
+            eprintln!("wrote {}", dst.display());
+            if let Some(out) = out {
+                let img = lowtide::io::to_unit_hwc(&sample)?;
+                for p in save_images(&img, &out)? {
+                    eprintln!("wrote {}", p.display());
+                }
+            }
+            Ok(())
+        }
+        VaeCommand::Encode {
+            model,
+            image,
+            save_tensors: dst,
+        } => {
+            let (root, opts) = model.open()?;
+            let x = read_image_arg(&image, &opts.device).context("cannot use --image")?;
+            let (vae, _) = load_vae(&root, &opts)
+                .with_context(|| format!("cannot load the VAE of {}", root.display()))?;
+            let dist = vae.encode(&x.to_dtype(opts.dtype)?)?;
+            save_tensors(&dst, &[("mean", &dist.mean), ("logvar", &dist.logvar)])?;
+            eprintln!("wrote {}", dst.display());
+            Ok(())
+        }
+    }
+}

@@ -25,6 +25,9 @@ pub struct ParamSpec {
 pub trait WeightProvider: Send + Sync {
     /// The tensor for `spec`, on the execution device in the compute dtype.
     fn get(&self, spec: &ParamSpec) -> Result<Tensor>;
+    /// Whether the checkpoint holds a tensor of this name (for layout differences between
+    /// library versions, e.g. CLIP's `text_model.` prefix).
+    fn contains(&self, name: &str) -> bool;
     /// A module (e.g. `down_blocks.1`) is about to run.
     fn enter(&self, _module: &str) -> Result<()> {
         Ok(())
@@ -112,6 +115,16 @@ impl ParamPath {
 
     pub fn prefix(&self) -> &str {
         &self.prefix
+    }
+
+    /// Whether the checkpoint holds `name` under this path.
+    pub fn has(&self, name: &str) -> bool {
+        let full = if self.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{name}", self.prefix)
+        };
+        self.src.contains(&full)
     }
 
     pub fn provider(&self) -> &Arc<dyn WeightProvider> {
@@ -203,6 +216,9 @@ impl WeightProvider for ResidentWeights {
             .expect("weight cache poisoned")
             .insert(spec.name.clone(), t.clone());
         Ok(t)
+    }
+    fn contains(&self, name: &str) -> bool {
+        self.store.get(name).is_some()
     }
     fn device(&self) -> &Device {
         &self.device

@@ -100,7 +100,12 @@ impl ClipTextModel {
         }
         let act = Activation::parse(file, "hidden_act", &cfg.hidden_act)?;
         let h = cfg.hidden_size;
-        let tm = pp.pp("text_model");
+        // transformers 4 saves `text_model.*`; transformers 5 drops the prefix.
+        let tm = if pp.has("embeddings.token_embedding.weight") {
+            pp.clone()
+        } else {
+            pp.pp("text_model")
+        };
         let emb = tm.pp("embeddings");
         let enc = tm.pp("encoder").pp("layers");
         let layers = (0..cfg.num_hidden_layers)

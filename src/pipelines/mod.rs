@@ -2,6 +2,8 @@
 
 pub mod loader;
 pub mod stable_diffusion;
+pub mod vae;
 
 pub use loader::{hf_cache_dir, resolve_model, Component, ModelIndex};
 pub use stable_diffusion::{GenerateOutput, GenerateRequest, LoadOptions, StableDiffusion};
+pub use vae::load_vae;
