@@ -28,9 +28,8 @@ pub fn parse_device(name: &str) -> Result<Device> {
              rebuild with `cargo build --release --features cuda` or use --device cpu"
         )));
     }
-    Device::new_cuda(ordinal).map_err(|e| {
-        Error::DeviceUnavailable(format!("`{name}` cannot be opened: {e}"))
-    })
+    Device::new_cuda(ordinal)
+        .map_err(|e| Error::DeviceUnavailable(format!("`{name}` cannot be opened: {e}")))
 }
 
 /// Parses `f32`, `f16` or `bf16` as a compute dtype.

@@ -13,7 +13,11 @@ use lowtide::pipelines::{load_vae, resolve_model, GenerateRequest, LoadOptions, 
 use lowtide::schedulers::SchedulerKind;
 
 #[derive(Parser)]
-#[command(name = "lowtide", version, about = "Run diffusers-format diffusion models in small memory")]
+#[command(
+    name = "lowtide",
+    version,
+    about = "Run diffusers-format diffusion models in small memory"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

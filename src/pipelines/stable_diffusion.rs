@@ -14,6 +14,7 @@ use crate::models::{
 use crate::rng::TorchRng;
 use crate::schedulers::{self, SchedulerConfig, SchedulerKind};
 use crate::tokenizer::ClipTokenizer;
+use crate::weights::has_checkpoint;
 
 /// How to open a pipeline.
 #[derive(Debug, Clone)]
@@ -120,19 +121,60 @@ impl StableDiffusion {
         let scheduler_config: SchedulerConfig =
             read_json(&root.join("scheduler").join("scheduler_config.json"))?;
 
-        let te = Component::open(root, "text_encoder", "model", variant, dev, dt)?;
+        // As diffusers: with a variant, components that lack it load their default files, but
+        // at least one component must have it.
+        let parts = [
+            ("text_encoder", "model"),
+            ("unet", "diffusion_pytorch_model"),
+            ("vae", "diffusion_pytorch_model"),
+        ];
+        let variant_of = |name: &str, stem: &str| -> Option<&str> {
+            variant.filter(|v| has_checkpoint(&root.join(name), stem, Some(v)))
+        };
+        if let Some(v) = variant {
+            if parts.iter().all(|(n, s)| variant_of(n, s).is_none()) {
+                return Err(Error::NotFound {
+                    what: format!("`{v}` variant"),
+                    path: root.to_path_buf(),
+                    hint: format!("no component has *.{v}.safetensors files; drop --variant {v}"),
+                });
+            }
+        }
+
+        let te = Component::open(
+            root,
+            "text_encoder",
+            "model",
+            variant_of("text_encoder", "model"),
+            dev,
+            dt,
+        )?;
         let te_cfg: ClipTextConfig = te.config()?;
         let pp = te.param_root();
         let text_encoder = ClipTextModel::new(&pp, &te_cfg)?;
         te.validate(&pp)?;
 
-        let unet_c = Component::open(root, "unet", "diffusion_pytorch_model", variant, dev, dt)?;
+        let unet_c = Component::open(
+            root,
+            "unet",
+            "diffusion_pytorch_model",
+            variant_of("unet", "diffusion_pytorch_model"),
+            dev,
+            dt,
+        )?;
         let unet_cfg: UNet2DConditionConfig = unet_c.config()?;
         let pp = unet_c.param_root();
         let unet = UNet2DConditionModel::new(&pp, &unet_cfg)?;
         unet_c.validate(&pp)?;
 
-        let vae_c = Component::open(root, "vae", "diffusion_pytorch_model", variant, dev, dt)?;
+        let vae_c = Component::open(
+            root,
+            "vae",
+            "diffusion_pytorch_model",
+            variant_of("vae", "diffusion_pytorch_model"),
+            dev,
+            dt,
+        )?;
         let vae_cfg: AutoencoderKLConfig = vae_c.config()?;
         let pp = vae_c.param_root();
         let vae = AutoencoderKL::new(&pp, &vae_cfg)?;

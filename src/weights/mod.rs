@@ -9,4 +9,4 @@
 
 mod store;
 
-pub use store::{checkpoint_files, StoredTensor, WeightStore};
+pub use store::{checkpoint_files, has_checkpoint, StoredTensor, WeightStore};

@@ -37,6 +37,21 @@ struct ShardIndex {
     weight_map: BTreeMap<String, String>,
 }
 
+/// Whether `dir` holds a `{stem}` checkpoint of this variant (single file or sharded index).
+pub fn has_checkpoint(dir: &Path, stem: &str, variant: Option<&str>) -> bool {
+    let (single, index) = match variant {
+        Some(v) => (
+            format!("{stem}.{v}.safetensors"),
+            format!("{stem}.safetensors.index.{v}.json"),
+        ),
+        None => (
+            format!("{stem}.safetensors"),
+            format!("{stem}.safetensors.index.json"),
+        ),
+    };
+    dir.join(single).is_file() || dir.join(index).is_file()
+}
+
 /// The safetensors files holding a component's weights: `{stem}[.{variant}].safetensors`, or the
 /// shards listed in `{stem}.safetensors.index[.{variant}].json`, as diffusers names them.
 pub fn checkpoint_files(dir: &Path, stem: &str, variant: Option<&str>) -> Result<Vec<PathBuf>> {

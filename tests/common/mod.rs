@@ -1,0 +1,68 @@
+//! Shared helpers of the parity tests: fixture paths, reference tensors and the tolerance rule.
+//!
+//! Tolerance rule: `max|a - b| <= rel * max|b|`, i.e. relative to the reference tensor's largest
+//! magnitude, so a tolerance means the same thing for embeddings near 1 and latents near 10.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Tensor};
+
+pub fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+pub fn model(name: &str) -> PathBuf {
+    fixtures().join(name)
+}
+
+pub fn refs(name: &str) -> PathBuf {
+    fixtures().join("refs").join(name)
+}
+
+/// All tensors of a reference file, as f32 on the CPU.
+pub fn load_refs(path: PathBuf) -> HashMap<String, Tensor> {
+    let map = candle_core::safetensors::load(&path, &Device::Cpu)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    map.into_iter()
+        .map(|(k, v)| (k, v.to_dtype(DType::F32).unwrap()))
+        .collect()
+}
+
+pub fn meta(name: &str) -> serde_json::Value {
+    let p = refs(name).join("meta.json");
+    serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap()
+}
+
+/// Largest |a - b| relative to the largest |b|.
+pub fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims(), "shape mismatch");
+    let a = a.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
+    let b = b.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
+    let diff = (&a - &b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    let mag = b.abs().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+    assert!(mag > 0.0, "reference tensor is all zeros");
+    assert!(diff.is_finite(), "non-finite difference");
+    diff / mag
+}
+
+#[track_caller]
+pub fn assert_close(what: &str, a: &Tensor, b: &Tensor, rel: f32) {
+    let e = rel_err(a, b);
+    assert!(e <= rel, "{what}: relative error {e:.3e} > {rel:.1e}");
+}
+
+pub const PROMPT: &str = "a photograph of an astronaut riding a horse";
+pub const NEGATIVE: &str = "blurry, low quality";
+pub const SCHEDULERS: [&str; 5] = ["pndm", "ddim", "euler", "euler-a", "dpmpp-2m"];
+/// The two committed tiny pipelines: SD1.5 flavour and SD2 flavour (v_prediction, linear
+/// projection, sharded UNet).
+pub const PIPELINES: [&str; 2] = ["tiny-sd15", "tiny-sd2"];
