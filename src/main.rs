@@ -106,7 +106,7 @@ struct GenerateArgs {
     #[arg(long, default_value_t = 50)]
     steps: usize,
     /// Classifier-free guidance scale (off at 1 or below).
-    #[arg(long, default_value_t = 7.5)]
+    #[arg(long, default_value_t = 7.5, allow_negative_numbers = true)]
     guidance: f64,
     /// pndm, ddim, euler, euler-a or dpmpp-2m (default: the pipeline's own).
     #[arg(long)]
@@ -123,7 +123,7 @@ struct GenerateArgs {
     #[arg(long, requires = "strength")]
     init_image: Option<PathBuf>,
     /// img2img: how much of the schedule to run, in (0, 1].
-    #[arg(long, requires = "init_image")]
+    #[arg(long, requires = "init_image", allow_negative_numbers = true)]
     strength: Option<f64>,
     /// safetensors file with one tensor (B, C, h, w): the initial latents.
     #[arg(long, conflicts_with = "init_image")]

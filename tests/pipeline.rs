@@ -46,11 +46,24 @@ fn txt2img_matches_for_every_scheduler() {
             let got_calls: Vec<f32> = sched.timesteps().iter().map(|&t| t as f32).collect();
             assert_eq!(calls, want_calls.len(), "{what}: UNet calls");
             for (g, w) in got_calls.iter().zip(&want_calls) {
-                assert!((g - w).abs() < 1e-3 * w.abs().max(1.0), "{what}: {got_calls:?} vs {want_calls:?}");
+                assert!(
+                    (g - w).abs() < 1e-3 * w.abs().max(1.0),
+                    "{what}: {got_calls:?} vs {want_calls:?}"
+                );
             }
 
-            assert_close(&format!("{what} prompt_embeds"), &out.prompt_embeds, &r["prompt_embeds"], 1e-5);
-            assert_close(&format!("{what} final_latents"), &out.final_latents, &r["final_latents"], TOL);
+            assert_close(
+                &format!("{what} prompt_embeds"),
+                &out.prompt_embeds,
+                &r["prompt_embeds"],
+                1e-5,
+            );
+            assert_close(
+                &format!("{what} final_latents"),
+                &out.final_latents,
+                &r["final_latents"],
+                TOL,
+            );
             assert_close(&format!("{what} image"), &out.image, &r["image"], TOL);
         }
     }
@@ -64,18 +77,29 @@ fn first_unet_call_matches() {
         for s in SCHEDULERS {
             let r = load_refs(refs(name).join(format!("pipeline_{s}.safetensors")));
             let req = request(name, s);
-            let mut sched = build(req.scheduler.unwrap(), &pipe.scheduler_config, req.steps).unwrap();
+            let mut sched =
+                build(req.scheduler.unwrap(), &pipe.scheduler_config, req.steps).unwrap();
             let lat = (req.latents.unwrap() * sched.init_noise_sigma()).unwrap();
             let t = sched.timesteps()[0];
             let inp = sched
                 .scale_model_input(&Tensor::cat(&[&lat, &lat], 0).unwrap(), t)
                 .unwrap();
-            assert_close(&format!("{name} {s} input"), &inp, &r["first_unet_input"], 1e-5);
+            assert_close(
+                &format!("{name} {s} input"),
+                &inp,
+                &r["first_unet_input"],
+                1e-5,
+            );
             let neg = pipe.encode_text(NEGATIVE).unwrap();
             let pos = pipe.encode_text(PROMPT).unwrap();
             let ctx = Tensor::cat(&[&neg, &pos], 0).unwrap();
             let out = pipe.unet.forward(&inp, t, &ctx).unwrap();
-            assert_close(&format!("{name} {s} output"), &out, &r["first_unet_output"], 1e-5);
+            assert_close(
+                &format!("{name} {s} output"),
+                &out,
+                &r["first_unet_output"],
+                1e-5,
+            );
         }
     }
 }
@@ -100,8 +124,18 @@ fn seeded_latents_reproduce_torch_generator() {
         };
         let out = pipe.generate(&req, &mut |_, _| {}).unwrap();
         let r = load_refs(refs(name).join("pipeline_seeded_euler-a.safetensors"));
-        assert_close(&format!("{name} seeded final_latents"), &out.final_latents, &r["final_latents"], TOL);
-        assert_close(&format!("{name} seeded image"), &out.image, &r["image"], TOL);
+        assert_close(
+            &format!("{name} seeded final_latents"),
+            &out.final_latents,
+            &r["final_latents"],
+            TOL,
+        );
+        assert_close(
+            &format!("{name} seeded image"),
+            &out.image,
+            &r["image"],
+            TOL,
+        );
     }
 }
 
@@ -127,8 +161,18 @@ fn img2img_matches() {
             };
             let out = pipe.generate(&req, &mut |_, _| {}).unwrap();
             let r = load_refs(refs(name).join(format!("img2img_{s}.safetensors")));
-            assert_close(&format!("{name} img2img {s} final_latents"), &out.final_latents, &r["final_latents"], TOL);
-            assert_close(&format!("{name} img2img {s} image"), &out.image, &r["image"], TOL);
+            assert_close(
+                &format!("{name} img2img {s} final_latents"),
+                &out.final_latents,
+                &r["final_latents"],
+                TOL,
+            );
+            assert_close(
+                &format!("{name} img2img {s} image"),
+                &out.image,
+                &r["image"],
+                TOL,
+            );
         }
     }
 }
@@ -140,9 +184,16 @@ fn fp16_variant_matches_diffusers_upcast() {
         ..LoadOptions::default()
     };
     let pipe = StableDiffusion::load(&model("tiny-sd15"), opts).unwrap();
-    let out = pipe.generate(&request("tiny-sd15", "euler"), &mut |_, _| {}).unwrap();
+    let out = pipe
+        .generate(&request("tiny-sd15", "euler"), &mut |_, _| {})
+        .unwrap();
     let r = load_refs(refs("tiny-sd15").join("pipeline_euler_fp16.safetensors"));
-    assert_close("fp16 final_latents", &out.final_latents, &r["final_latents"], TOL);
+    assert_close(
+        "fp16 final_latents",
+        &out.final_latents,
+        &r["final_latents"],
+        TOL,
+    );
     assert_close("fp16 image", &out.image, &r["image"], TOL);
     // The fp16 weights really differ from the fp32 ones: the fp32 reference must not match exactly.
     let r32 = load_refs(refs("tiny-sd15").join("pipeline_euler.safetensors"));

@@ -58,7 +58,9 @@ fn all_scheduler_cases_match_diffusers() {
                 .unwrap();
             sample = s.step(&out, t, &sample, &mut rng).unwrap();
             let w = want.get(j).unwrap();
-            if std::env::var("SCHED_DEBUG").is_ok() { eprintln!("{key} step {j} {:.3e}", rel_err(&sample, &w)); }
+            if std::env::var("SCHED_DEBUG").is_ok() {
+                eprintln!("{key} step {j} {:.3e}", rel_err(&sample, &w));
+            }
             // The fake model's slope grows with j ((j+1)/2), so float rounding is amplified at
             // every step; only the 18-call PRK case gets that far.
             let tol = if j < 10 { 1e-4 } else { 1e-3 };

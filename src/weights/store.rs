@@ -144,6 +144,18 @@ impl WeightStore {
                 ))
             })?;
             let data_start = 8 + n as u64;
+            let data_end = meta
+                .tensors()
+                .values()
+                .map(|i| data_start + i.data_offsets.1 as u64)
+                .max()
+                .unwrap_or(data_start);
+            if data_end > len {
+                return Err(corrupt(format!(
+                    "the header promises {data_end} bytes but the file has {len}: truncated \
+                     (re-download or re-save the checkpoint)"
+                )));
+            }
             for (name, info) in meta.tensors() {
                 let dtype = to_candle_dtype(info.dtype).ok_or_else(|| Error::DtypeMismatch {
                     tensor: name.clone(),

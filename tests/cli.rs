@@ -1,0 +1,643 @@
+//! The `lowtide` binary as users and outside tests drive it: parity through the CLI, the files it
+//! writes, and a clear error with a non-zero exit code (never a panic) for every kind of bad input.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use candle_core::{DType, Device, Tensor};
+use common::*;
+
+fn lowtide(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_lowtide"))
+        .args(args)
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .expect("cannot run lowtide")
+}
+
+fn ok(args: &[&str]) -> Output {
+    let out = lowtide(args);
+    assert!(
+        out.status.success(),
+        "lowtide {args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Runs a command that must fail cleanly; returns its stderr.
+#[track_caller]
+fn fails(args: &[&str], expect: &[&str]) -> String {
+    let out = lowtide(args);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "lowtide {args:?} succeeded");
+    assert!(
+        !err.contains("panicked"),
+        "lowtide {args:?} panicked:\n{err}"
+    );
+    assert_ne!(out.status.code(), Some(101), "panic exit code");
+    for e in expect {
+        assert!(err.contains(e), "stderr of {args:?} lacks {e:?}:\n{err}");
+    }
+    err
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn copy_dir(src: &Path, dst: &Path) {
+    std::fs::create_dir_all(dst).unwrap();
+    for e in std::fs::read_dir(src).unwrap() {
+        let e = e.unwrap();
+        let to = dst.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &to);
+        } else {
+            std::fs::copy(e.path(), &to).unwrap();
+        }
+    }
+}
+
+/// A writable copy of the tiny SD1.5 pipeline.
+fn scratch_pipeline() -> (tempfile::TempDir, PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    let dst = tmp.path().join("pipe");
+    copy_dir(&model("tiny-sd15"), &dst);
+    (tmp, dst)
+}
+
+fn generate_args<'a>(sched: &'a str, m: &'a HashMap<&str, String>) -> Vec<&'a str> {
+    vec![
+        "generate",
+        "--model",
+        &m["model"],
+        "--prompt",
+        PROMPT,
+        "--negative-prompt",
+        NEGATIVE,
+        "--steps",
+        "4",
+        "--guidance",
+        "7.5",
+        "--scheduler",
+        sched,
+        "--seed",
+        &m["seed"],
+        "--width",
+        &m["width"],
+        "--height",
+        &m["height"],
+        "--latents",
+        &m["latents"],
+        "--out",
+        &m["out"],
+        "--save-tensors",
+        &m["tensors"],
+    ]
+}
+
+#[test]
+fn generate_cli_matches_diffusers() {
+    let tmp = tempfile::tempdir().unwrap();
+    for name in PIPELINES {
+        let meta = meta(name);
+        for sched in ["pndm", "ddim", "euler"] {
+            let out = tmp.path().join(format!("{name}-{sched}.png"));
+            let tensors = tmp.path().join(format!("{name}-{sched}.safetensors"));
+            let m: HashMap<&str, String> = [
+                ("model", s(&model(name)).to_string()),
+                ("seed", meta["seed"].to_string()),
+                ("width", meta["width"].to_string()),
+                ("height", meta["height"].to_string()),
+                (
+                    "latents",
+                    s(&refs(name).join("latents.safetensors")).to_string(),
+                ),
+                ("out", s(&out).to_string()),
+                ("tensors", s(&tensors).to_string()),
+            ]
+            .into();
+            ok(&generate_args(sched, &m));
+            let got = load_refs(tensors);
+            let want = load_refs(refs(name).join(format!("pipeline_{sched}.safetensors")));
+            let what = format!("cli {name} {sched}");
+            assert_close(
+                &format!("{what} prompt_embeds"),
+                &got["prompt_embeds"],
+                &want["prompt_embeds"],
+                1e-5,
+            );
+            assert_close(
+                &format!("{what} final_latents"),
+                &got["final_latents"],
+                &want["final_latents"],
+                1e-4,
+            );
+            assert_close(
+                &format!("{what} image"),
+                &got["image"],
+                &want["image"],
+                1e-4,
+            );
+            for (k, t) in &got {
+                assert_eq!(t.dtype(), DType::F32, "{k} must be saved as f32");
+            }
+            let png = image::open(&out).unwrap();
+            assert_eq!(
+                (png.width(), png.height()),
+                (
+                    meta["width"].as_u64().unwrap() as u32,
+                    meta["height"].as_u64().unwrap() as u32
+                )
+            );
+        }
+    }
+}
+
+#[test]
+fn several_images_get_numbered_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("img.png");
+    ok(&[
+        "generate",
+        "--model",
+        s(&model("tiny-sd2")),
+        "--prompt",
+        "x",
+        "--steps",
+        "2",
+        "--num-images",
+        "2",
+        "--width",
+        "16",
+        "--height",
+        "16",
+        "--out",
+        s(&out),
+    ]);
+    assert!(tmp.path().join("img-0.png").is_file());
+    assert!(tmp.path().join("img-1.png").is_file());
+}
+
+#[test]
+fn img2img_cli_matches_diffusers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let name = "tiny-sd2";
+    let m = meta(name);
+    let t = tmp.path().join("t.safetensors");
+    let init = refs(name).join("init.png");
+    ok(&[
+        "generate",
+        "--model",
+        s(&model(name)),
+        "--prompt",
+        PROMPT,
+        "--steps",
+        "5",
+        "--scheduler",
+        "ddim",
+        "--seed",
+        &m["img2img"]["seed"].to_string(),
+        "--init-image",
+        s(&init),
+        "--strength",
+        "0.6",
+        "--out",
+        s(&tmp.path().join("o.png")),
+        "--save-tensors",
+        s(&t),
+    ]);
+    let got = load_refs(t);
+    let want = load_refs(refs(name).join("img2img_ddim.safetensors"));
+    assert_close(
+        "img2img final_latents",
+        &got["final_latents"],
+        &want["final_latents"],
+        1e-4,
+    );
+    assert_close("img2img image", &got["image"], &want["image"], 1e-4);
+}
+
+#[test]
+fn vae_cli_matches_diffusers() {
+    let tmp = tempfile::tempdir().unwrap();
+    for name in PIPELINES {
+        let r = load_refs(refs(name).join("vae.safetensors"));
+        let z = tmp.path().join("z.safetensors");
+        candle_core::safetensors::save(&HashMap::from([("z".to_string(), r["z"].clone())]), &z)
+            .unwrap();
+        let dec = tmp.path().join("dec.safetensors");
+        let png = tmp.path().join("dec.png");
+        ok(&[
+            "vae",
+            "decode",
+            "--model",
+            s(&model(name)),
+            "--latents",
+            s(&z),
+            "--save-tensors",
+            s(&dec),
+            "--out",
+            s(&png),
+        ]);
+        assert_close(
+            &format!("{name} decode"),
+            &load_refs(dec)["sample"],
+            &r["decoded"],
+            1e-5,
+        );
+        assert!(tmp.path().join("dec-0.png").is_file() && tmp.path().join("dec-1.png").is_file());
+
+        let img = tmp.path().join("img.safetensors");
+        candle_core::safetensors::save(
+            &HashMap::from([("image".to_string(), r["image"].clone())]),
+            &img,
+        )
+        .unwrap();
+        let enc = tmp.path().join("enc.safetensors");
+        ok(&[
+            "vae",
+            "encode",
+            "--model",
+            s(&model(name)),
+            "--image",
+            s(&img),
+            "--save-tensors",
+            s(&enc),
+        ]);
+        let got = load_refs(enc);
+        assert_close(&format!("{name} mean"), &got["mean"], &r["mean"], 1e-5);
+        assert_close(
+            &format!("{name} logvar"),
+            &got["logvar"],
+            &r["logvar"],
+            1e-5,
+        );
+    }
+}
+
+#[test]
+fn vae_encode_reads_png() {
+    let tmp = tempfile::tempdir().unwrap();
+    let enc = tmp.path().join("enc.safetensors");
+    let png = refs("tiny-sd15").join("init.png");
+    ok(&[
+        "vae",
+        "encode",
+        "--model",
+        s(&model("tiny-sd15")),
+        "--image",
+        s(&png),
+        "--save-tensors",
+        s(&enc),
+    ]);
+    let got = load_refs(enc);
+    assert_eq!(got["mean"].dims(), &[1, 4, 8, 6]);
+}
+
+// ---- bad input ----
+
+fn quick(model: &Path) -> Vec<String> {
+    [
+        "generate",
+        "--model",
+        s(model),
+        "--prompt",
+        "x",
+        "--steps",
+        "1",
+        "--height",
+        "16",
+        "--out",
+    ]
+    .iter()
+    .map(|a| a.to_string())
+    .collect()
+}
+
+fn run_quick(model: &Path, out_dir: &Path, extra: &[&str], expect: &[&str]) -> String {
+    let mut args = quick(model);
+    args.push(s(&out_dir.join("o.png")).to_string());
+    args.extend(extra.iter().map(|a| a.to_string()));
+    if !extra.contains(&"--width") {
+        args.extend(["--width".to_string(), "16".to_string()]);
+    }
+    let refs: Vec<&str> = args.iter().map(|a| a.as_str()).collect();
+    fails(&refs, expect)
+}
+
+#[test]
+fn missing_model_folder() {
+    let tmp = tempfile::tempdir().unwrap();
+    let missing = tmp.path().join("nope");
+    run_quick(&missing, tmp.path(), &[], &["nope"]);
+    // A repo id that is not in the (empty) cache names where it looked.
+    let out = Command::new(env!("CARGO_BIN_EXE_lowtide"))
+        .args(["generate", "--model", "someone/not-cached", "--prompt", "x"])
+        .env("HF_HUB_OFFLINE", "1")
+        .env("HF_HUB_CACHE", tmp.path())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("someone/not-cached") && err.contains(s(tmp.path())),
+        "{err}"
+    );
+}
+
+#[test]
+fn missing_component_and_files() {
+    let (tmp, p) = scratch_pipeline();
+    std::fs::remove_dir_all(p.join("vae")).unwrap();
+    run_quick(&p, tmp.path(), &[], &["vae"]);
+
+    let (tmp, p) = scratch_pipeline();
+    std::fs::remove_file(p.join("unet/config.json")).unwrap();
+    run_quick(&p, tmp.path(), &[], &["unet", "config.json"]);
+
+    let (tmp, p) = scratch_pipeline();
+    std::fs::remove_file(p.join("unet/diffusion_pytorch_model.safetensors")).unwrap();
+    run_quick(
+        &p,
+        tmp.path(),
+        &[],
+        &["diffusion_pytorch_model.safetensors"],
+    );
+
+    let (tmp, p) = scratch_pipeline();
+    std::fs::remove_file(p.join("model_index.json")).unwrap();
+    run_quick(&p, tmp.path(), &[], &["model_index.json"]);
+
+    let (tmp, p) = scratch_pipeline();
+    std::fs::remove_file(p.join("tokenizer/vocab.json")).unwrap();
+    run_quick(&p, tmp.path(), &[], &["tokenizer"]);
+}
+
+#[test]
+fn variant_that_is_not_there() {
+    let tmp = tempfile::tempdir().unwrap();
+    run_quick(
+        &model("tiny-sd2"),
+        tmp.path(),
+        &["--variant", "fp16"],
+        &["fp16"],
+    );
+}
+
+#[test]
+fn truncated_and_corrupt_safetensors() {
+    let (tmp, p) = scratch_pipeline();
+    let f = p.join("unet/diffusion_pytorch_model.safetensors");
+    let len = std::fs::metadata(&f).unwrap().len();
+    let file = std::fs::OpenOptions::new().write(true).open(&f).unwrap();
+    file.set_len(len / 2).unwrap();
+    run_quick(
+        &p,
+        tmp.path(),
+        &[],
+        &["truncated", "diffusion_pytorch_model.safetensors"],
+    );
+
+    let (tmp, p) = scratch_pipeline();
+    let f = p.join("vae/diffusion_pytorch_model.safetensors");
+    let mut bytes = std::fs::read(&f).unwrap();
+    bytes[8..40].copy_from_slice(&[b'#'; 32]);
+    std::fs::write(&f, bytes).unwrap();
+    run_quick(&p, tmp.path(), &[], &["corrupt", "vae"]);
+
+    let (tmp, p) = scratch_pipeline();
+    std::fs::write(p.join("text_encoder/model.safetensors"), b"abc").unwrap();
+    run_quick(&p, tmp.path(), &[], &["model.safetensors"]);
+}
+
+fn rewrite_tensor(file: &Path, name: &str, f: impl Fn(&Tensor) -> Tensor) {
+    let mut map = candle_core::safetensors::load(file, &Device::Cpu).unwrap();
+    let t = f(&map[name]);
+    map.insert(name.to_string(), t);
+    candle_core::safetensors::save(&map, file).unwrap();
+}
+
+#[test]
+fn wrong_shape_or_dtype_names_the_tensor() {
+    let name = "conv_in.weight";
+    let (tmp, p) = scratch_pipeline();
+    let f = p.join("unet/diffusion_pytorch_model.safetensors");
+    rewrite_tensor(&f, name, |t| t.flatten_all().unwrap());
+    run_quick(&p, tmp.path(), &[], &[name, "shape"]);
+
+    let (tmp, p) = scratch_pipeline();
+    let f = p.join("unet/diffusion_pytorch_model.safetensors");
+    rewrite_tensor(&f, name, |t| t.to_dtype(DType::U8).unwrap());
+    run_quick(&p, tmp.path(), &[], &[name, "dtype"]);
+
+    let (tmp, p) = scratch_pipeline();
+    let f = p.join("unet/diffusion_pytorch_model.safetensors");
+    let mut map = candle_core::safetensors::load(&f, &Device::Cpu).unwrap();
+    map.remove(name);
+    candle_core::safetensors::save(&map, &f).unwrap();
+    run_quick(&p, tmp.path(), &[], &[name, "missing"]);
+}
+
+#[test]
+fn unsupported_config_value() {
+    let (tmp, p) = scratch_pipeline();
+    let cfg = p.join("unet/config.json");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    let text = text.replacen("\"CrossAttnDownBlock2D\"", "\"FancyDownBlock2D\"", 1);
+    std::fs::write(&cfg, text).unwrap();
+    run_quick(
+        &p,
+        tmp.path(),
+        &[],
+        &["FancyDownBlock2D", "down_block_types"],
+    );
+}
+
+#[test]
+fn bad_arguments() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = model("tiny-sd15");
+    run_quick(&m, tmp.path(), &["--scheduler", "heun"], &["heun", "pndm"]);
+    // 20 is not a multiple of 8 (later flags override the earlier --width 16).
+    run_quick(
+        &m,
+        tmp.path(),
+        &["--width", "20"],
+        &["multiples of 8", "20x16"],
+    );
+    run_quick(&m, tmp.path(), &["--steps", "0"], &["--steps"]);
+    let init = refs("tiny-sd15").join("init.png");
+    for bad in ["0", "1.5", "-0.2"] {
+        run_quick(
+            &m,
+            tmp.path(),
+            &["--init-image", s(&init), "--strength", bad],
+            &["--strength"],
+        );
+    }
+    run_quick(&m, tmp.path(), &["--device", "cuda"], &["cuda"]);
+    run_quick(&m, tmp.path(), &["--dtype", "f8"], &["f8"]);
+    // Latents of the wrong shape for the requested size.
+    let lat = refs("tiny-sd15").join("latents.safetensors");
+    run_quick(
+        &m,
+        tmp.path(),
+        &["--latents", s(&lat)],
+        &["--latents", "shape"],
+    );
+}
+
+#[test]
+fn unreadable_png() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bad = tmp.path().join("bad.png");
+    std::fs::write(&bad, b"\x89PNG\r\n\x1a\nthis is not a png").unwrap();
+    run_quick(
+        &model("tiny-sd15"),
+        tmp.path(),
+        &["--init-image", s(&bad), "--strength", "0.5"],
+        &["bad.png"],
+    );
+    let missing = tmp.path().join("missing.png");
+    run_quick(
+        &model("tiny-sd15"),
+        tmp.path(),
+        &["--init-image", s(&missing), "--strength", "0.5"],
+        &["missing.png"],
+    );
+    let enc = tmp.path().join("e.safetensors");
+    fails(
+        &[
+            "vae",
+            "encode",
+            "--model",
+            s(&model("tiny-sd15")),
+            "--image",
+            s(&bad),
+            "--save-tensors",
+            s(&enc),
+        ],
+        &["bad.png"],
+    );
+}
+
+#[test]
+fn latents_file_must_hold_one_tensor() {
+    let tmp = tempfile::tempdir().unwrap();
+    let two = tmp.path().join("two.safetensors");
+    let t = Tensor::zeros((1, 4, 2, 2), DType::F32, &Device::Cpu).unwrap();
+    candle_core::safetensors::save(
+        &HashMap::from([("a".to_string(), t.clone()), ("b".to_string(), t)]),
+        &two,
+    )
+    .unwrap();
+    let dec = tmp.path().join("d.safetensors");
+    fails(
+        &[
+            "vae",
+            "decode",
+            "--model",
+            s(&model("tiny-sd15")),
+            "--latents",
+            s(&two),
+            "--save-tensors",
+            s(&dec),
+        ],
+        &["exactly one tensor"],
+    );
+}
+
+/// Lays `src` out as the hub cache does: content in `blobs/`, a snapshot of symlinks, `refs/main`.
+fn fill_hub_cache(cache: &Path, repo: &str, src: &Path) {
+    let repo_dir = cache.join(format!("models--{}", repo.replace('/', "--")));
+    let commit = "0123456789abcdef0123456789abcdef01234567";
+    let snap = repo_dir.join("snapshots").join(commit);
+    let blobs = repo_dir.join("blobs");
+    std::fs::create_dir_all(&blobs).unwrap();
+    std::fs::create_dir_all(repo_dir.join("refs")).unwrap();
+    std::fs::write(repo_dir.join("refs/main"), commit).unwrap();
+    fn walk(dir: &Path, rel: &Path, snap: &Path, blobs: &Path, n: &mut usize) {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let e = e.unwrap();
+            let rel = rel.join(e.file_name());
+            if e.file_type().unwrap().is_dir() {
+                walk(&e.path(), &rel, snap, blobs, n);
+            } else {
+                *n += 1;
+                let blob = blobs.join(format!("blob{n:04}"));
+                std::fs::copy(e.path(), &blob).unwrap();
+                let link = snap.join(&rel);
+                std::fs::create_dir_all(link.parent().unwrap()).unwrap();
+                let depth = rel.components().count();
+                let up: PathBuf = std::iter::repeat_n("..", depth + 1).collect();
+                std::os::unix::fs::symlink(up.join("blobs").join(blob.file_name().unwrap()), &link)
+                    .unwrap();
+            }
+        }
+    }
+    walk(src, Path::new(""), &snap, &blobs, &mut 0);
+}
+
+#[test]
+fn repo_id_resolves_offline_from_hub_cache() {
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = "lowtide-tests/tiny-sd15";
+    let expected = load_refs(refs("tiny-sd15").join("pipeline_ddim.safetensors"));
+    let lat = refs("tiny-sd15").join("latents.safetensors");
+    for var in ["HF_HUB_CACHE", "HF_HOME"] {
+        let root = tmp.path().join(var);
+        let cache = if var == "HF_HOME" {
+            root.join("hub")
+        } else {
+            root.clone()
+        };
+        fill_hub_cache(&cache, repo, &model("tiny-sd15"));
+        let t = tmp.path().join(format!("{var}.safetensors"));
+        let out = Command::new(env!("CARGO_BIN_EXE_lowtide"))
+            .args([
+                "generate",
+                "--model",
+                repo,
+                "--prompt",
+                PROMPT,
+                "--negative-prompt",
+                NEGATIVE,
+                "--steps",
+                "4",
+                "--scheduler",
+                "ddim",
+                "--width",
+                "48",
+                "--height",
+                "64",
+                "--latents",
+                s(&lat),
+                "--out",
+                s(&tmp.path().join("o.png")),
+                "--save-tensors",
+                s(&t),
+            ])
+            .env("HF_HUB_OFFLINE", "1")
+            .env_remove("HF_HUB_CACHE")
+            .env_remove("HF_HOME")
+            .env(var, &root)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{var}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_close(
+            var,
+            &load_refs(t)["final_latents"],
+            &expected["final_latents"],
+            1e-4,
+        );
+    }
+}
