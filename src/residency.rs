@@ -140,6 +140,35 @@ impl ParamPath {
     }
 }
 
+/// The name under which a module announces itself, captured at construction; offload units
+/// (resnets, attention blocks, samplers, encoder layers) hold one and run their forward inside it.
+#[derive(Clone)]
+pub struct UnitScope {
+    name: String,
+    src: Arc<dyn WeightProvider>,
+}
+
+impl UnitScope {
+    pub fn new(pp: &ParamPath) -> Self {
+        Self {
+            name: pp.prefix().to_string(),
+            src: pp.provider().clone(),
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Runs `f` with this unit entered.
+    pub fn run<T>(&self, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        let scope = ModuleScope::enter(self.src.as_ref(), &self.name)?;
+        let out = f()?;
+        scope.exit()?;
+        Ok(out)
+    }
+}
+
 /// Announces a module to the provider for as long as the guard lives.
 pub struct ModuleScope<'a> {
     src: &'a dyn WeightProvider,

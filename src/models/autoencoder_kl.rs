@@ -6,7 +6,7 @@ use serde::Deserialize;
 use crate::error::{Error, Result};
 use crate::layers::{attention, Conv2d, GroupNorm, Linear};
 use crate::models::blocks::{Downsample2D, ResnetBlock2D, Upsample2D};
-use crate::residency::{ModuleScope, ParamPath, WeightProvider};
+use crate::residency::{ModuleScope, ParamPath, UnitScope, WeightProvider};
 
 const FILE: &str = "vae/config.json";
 
@@ -145,6 +145,7 @@ impl AutoencoderKLConfig {
 
 /// The VAE mid-block's single-head self-attention over pixels, with its own GroupNorm.
 struct SpatialAttention {
+    unit: UnitScope,
     group_norm: GroupNorm,
     to_q: Linear,
     to_k: Linear,
@@ -155,6 +156,7 @@ struct SpatialAttention {
 impl SpatialAttention {
     fn new(pp: &ParamPath, c: usize, groups: usize) -> Self {
         Self {
+            unit: UnitScope::new(pp),
             group_norm: GroupNorm::new(&pp.pp("group_norm"), groups, c, 1e-6),
             to_q: Linear::new(&pp.pp("to_q"), c, c, true),
             to_k: Linear::new(&pp.pp("to_k"), c, c, true),
@@ -164,6 +166,10 @@ impl SpatialAttention {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.unit.run(|| self.forward_inner(x))
+    }
+
+    fn forward_inner(&self, x: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
         let n = self.group_norm.forward(x)?;
         let s = n.reshape((b, c, h * w))?.transpose(1, 2)?.contiguous()?;
@@ -331,9 +337,11 @@ impl AutoencoderKL {
                 x.dims()
             )));
         }
-        let scope = ModuleScope::enter(self.src.as_ref(), "encoder")?;
+        let src = self.src.as_ref();
         let e = &self.encoder;
+        let scope = ModuleScope::enter(src, "encoder.conv_in")?;
         let mut h = e.conv_in.forward(x)?;
+        scope.exit()?;
         for (resnets, down) in &e.blocks {
             for r in resnets {
                 h = r.forward(&h, None)?;
@@ -343,6 +351,7 @@ impl AutoencoderKL {
             }
         }
         h = e.mid.forward(&h)?;
+        let scope = ModuleScope::enter(src, "encoder.out")?;
         h = e.conv_out.forward(&e.norm_out.forward(&h)?.silu()?)?;
         if let Some(q) = &self.quant_conv {
             h = q.forward(&h)?;
@@ -363,13 +372,15 @@ impl AutoencoderKL {
                 self.cfg.latent_channels
             )));
         }
-        let scope = ModuleScope::enter(self.src.as_ref(), "decoder")?;
+        let src = self.src.as_ref();
+        let scope = ModuleScope::enter(src, "decoder.in")?;
         let mut h = match &self.post_quant_conv {
             Some(p) => p.forward(z)?,
             None => z.clone(),
         };
         let d = &self.decoder;
         h = d.conv_in.forward(&h)?;
+        scope.exit()?;
         h = d.mid.forward(&h)?;
         for (resnets, up) in &d.blocks {
             for r in resnets {
@@ -379,6 +390,7 @@ impl AutoencoderKL {
                 h = u.forward(&h, None)?;
             }
         }
+        let scope = ModuleScope::enter(src, "decoder.out")?;
         h = d.conv_out.forward(&d.norm_out.forward(&h)?.silu()?)?;
         scope.exit()?;
         Ok(h)

@@ -5,10 +5,11 @@ use candle_core::Tensor;
 
 use crate::error::Result;
 use crate::layers::{attention, Conv2d, GroupNorm, LayerNorm, Linear};
-use crate::residency::ParamPath;
+use crate::residency::{ParamPath, UnitScope};
 
 /// `ResnetBlock2D` with `time_embedding_norm="default"`, `output_scale_factor` 1.
 pub struct ResnetBlock2D {
+    unit: UnitScope,
     norm1: GroupNorm,
     conv1: Conv2d,
     time_emb_proj: Option<Linear>,
@@ -29,6 +30,7 @@ impl ResnetBlock2D {
         output_scale_factor: f64,
     ) -> Self {
         Self {
+            unit: UnitScope::new(pp),
             norm1: GroupNorm::new(&pp.pp("norm1"), groups, in_c, eps),
             conv1: Conv2d::new(&pp.pp("conv1"), in_c, out_c, 3, 1, 1),
             time_emb_proj: temb_c.map(|t| Linear::new(&pp.pp("time_emb_proj"), t, out_c, true)),
@@ -41,6 +43,10 @@ impl ResnetBlock2D {
     }
 
     pub fn forward(&self, x: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
+        self.unit.run(|| self.forward_inner(x, temb))
+    }
+
+    fn forward_inner(&self, x: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
         let mut h = self.conv1.forward(&self.norm1.forward(x)?.silu()?)?;
         if let (Some(proj), Some(t)) = (&self.time_emb_proj, temb) {
             let t = proj.forward(&t.silu()?)?.unsqueeze(2)?.unsqueeze(3)?;
@@ -179,6 +185,7 @@ enum Proj {
 
 /// `Transformer2DModel` for continuous inputs (the UNet's spatial transformer).
 pub struct Transformer2D {
+    unit: UnitScope,
     norm: GroupNorm,
     proj_in: Proj,
     blocks: Vec<BasicTransformerBlock>,
@@ -224,6 +231,7 @@ impl Transformer2D {
             })
             .collect();
         Self {
+            unit: UnitScope::new(pp),
             norm: GroupNorm::new(&pp.pp("norm"), p.groups, c, 1e-6),
             proj_in,
             blocks,
@@ -232,6 +240,10 @@ impl Transformer2D {
     }
 
     pub fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
+        self.unit.run(|| self.forward_inner(x, context))
+    }
+
+    fn forward_inner(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
         let residual = x;
         let x = self.norm.forward(x)?;
@@ -263,6 +275,7 @@ impl Transformer2D {
 
 /// `Downsample2D` with a strided 3x3 conv. `padding == 0` pads right/bottom by one first (VAE).
 pub struct Downsample2D {
+    unit: UnitScope,
     conv: Conv2d,
     padding: usize,
 }
@@ -270,12 +283,17 @@ pub struct Downsample2D {
 impl Downsample2D {
     pub fn new(pp: &ParamPath, channels: usize, padding: usize) -> Self {
         Self {
+            unit: UnitScope::new(pp),
             conv: Conv2d::new(&pp.pp("conv"), channels, channels, 3, 2, padding),
             padding,
         }
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.unit.run(|| self.forward_inner(x))
+    }
+
+    fn forward_inner(&self, x: &Tensor) -> Result<Tensor> {
         if self.padding == 0 {
             let x = x.pad_with_zeros(3, 0, 1)?.pad_with_zeros(2, 0, 1)?;
             self.conv.forward(&x)
@@ -287,17 +305,23 @@ impl Downsample2D {
 
 /// `Upsample2D`: nearest-neighbour resize (2x, or to an explicit size) then a 3x3 conv.
 pub struct Upsample2D {
+    unit: UnitScope,
     conv: Conv2d,
 }
 
 impl Upsample2D {
     pub fn new(pp: &ParamPath, channels: usize) -> Self {
         Self {
+            unit: UnitScope::new(pp),
             conv: Conv2d::new(&pp.pp("conv"), channels, channels, 3, 1, 1),
         }
     }
 
     pub fn forward(&self, x: &Tensor, size: Option<(usize, usize)>) -> Result<Tensor> {
+        self.unit.run(|| self.forward_inner(x, size))
+    }
+
+    fn forward_inner(&self, x: &Tensor, size: Option<(usize, usize)>) -> Result<Tensor> {
         let (_, _, h, w) = x.dims4()?;
         let (th, tw) = size.unwrap_or((h * 2, w * 2));
         self.conv.forward(&x.upsample_nearest2d(th, tw)?)

@@ -5,7 +5,7 @@ use serde::Deserialize;
 
 use crate::error::Result;
 use crate::layers::{attention, Activation, Embedding, LayerNorm, Linear};
-use crate::residency::ParamPath;
+use crate::residency::{ModuleScope, ParamPath, UnitScope, WeightProvider};
 
 fn default_vocab() -> usize {
     49408
@@ -58,6 +58,7 @@ pub struct ClipTextConfig {
 }
 
 struct EncoderLayer {
+    unit: UnitScope,
     ln1: LayerNorm,
     q: Linear,
     k: Linear,
@@ -70,6 +71,7 @@ struct EncoderLayer {
 
 pub struct ClipTextModel {
     cfg: ClipTextConfig,
+    src: std::sync::Arc<dyn WeightProvider>,
     act: Activation,
     token_embedding: Embedding,
     position_embedding: Embedding,
@@ -113,6 +115,7 @@ impl ClipTextModel {
                 let l = enc.pp(i);
                 let a = l.pp("self_attn");
                 EncoderLayer {
+                    unit: UnitScope::new(&l),
                     ln1: LayerNorm::new(&l.pp("layer_norm1"), h, cfg.layer_norm_eps),
                     q: Linear::new(&a.pp("q_proj"), h, h, true),
                     k: Linear::new(&a.pp("k_proj"), h, h, true),
@@ -126,6 +129,7 @@ impl ClipTextModel {
             .collect();
         Ok(Self {
             cfg: cfg.clone(),
+            src: pp.provider().clone(),
             act,
             token_embedding: Embedding::new(&emb.pp("token_embedding"), cfg.vocab_size, h),
             position_embedding: Embedding::new(
@@ -153,11 +157,14 @@ impl ClipTextModel {
         }
         let device = ids.device();
         let pos = Tensor::arange(0u32, seq as u32, device)?.unsqueeze(0)?;
+        let src = self.src.as_ref();
+        let scope = ModuleScope::enter(src, "embeddings")?;
         let mut x = self
             .token_embedding
             .forward(ids)?
             .broadcast_add(&self.position_embedding.forward(&pos)?)?
             .to_dtype(dtype)?;
+        scope.exit()?;
         let mask = causal_mask(seq, device)?;
         let heads = self.cfg.num_attention_heads;
         let hd = self.cfg.hidden_size / heads;
@@ -167,21 +174,28 @@ impl ClipTextModel {
                 .contiguous()?)
         };
         for l in &self.layers {
-            let r = x.clone();
-            let h = l.ln1.forward(&x)?;
-            let q = split(l.q.forward(&h)?)?;
-            let k = split(l.k.forward(&h)?)?;
-            let v = split(l.v.forward(&h)?)?;
-            let a = attention(&q, &k, &v, Some(&mask))?
-                .transpose(1, 2)?
-                .reshape((b, seq, self.cfg.hidden_size))?;
-            x = (r + l.out.forward(&a)?)?;
-            let r = x.clone();
-            let h = l.ln2.forward(&x)?;
-            let h = l.fc2.forward(&self.act.forward(&l.fc1.forward(&h)?)?)?;
-            x = (r + h)?;
+            x = l.unit.run(|| {
+                let mut x = x.clone();
+                let r = x.clone();
+                let h = l.ln1.forward(&x)?;
+                let q = split(l.q.forward(&h)?)?;
+                let k = split(l.k.forward(&h)?)?;
+                let v = split(l.v.forward(&h)?)?;
+                let a = attention(&q, &k, &v, Some(&mask))?
+                    .transpose(1, 2)?
+                    .reshape((b, seq, self.cfg.hidden_size))?;
+                x = (r + l.out.forward(&a)?)?;
+                let r = x.clone();
+                let h = l.ln2.forward(&x)?;
+                let h = l.fc2.forward(&self.act.forward(&l.fc1.forward(&h)?)?)?;
+                x = (r + h)?;
+                Ok(x)
+            })?;
         }
-        self.final_ln.forward(&x)
+        let scope = ModuleScope::enter(src, "final_layer_norm")?;
+        let out = self.final_ln.forward(&x)?;
+        scope.exit()?;
+        Ok(out)
     }
 }
 

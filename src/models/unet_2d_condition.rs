@@ -605,9 +605,7 @@ impl UNet2DConditionModel {
         x = self.conv_in.forward(&x)?;
         scope.exit()?;
         let mut skips = vec![x.clone()];
-        for (i, blk) in self.down.iter().enumerate() {
-            let name = format!("down_blocks.{i}");
-            let scope = ModuleScope::enter(src, &name)?;
+        for blk in &self.down {
             if let Block::Down {
                 resnets,
                 attentions,
@@ -626,20 +624,15 @@ impl UNet2DConditionModel {
                     skips.push(x.clone());
                 }
             }
-            scope.exit()?;
         }
         if let Some(mid) = &self.mid {
-            let scope = ModuleScope::enter(src, "mid_block")?;
             x = mid.resnets[0].forward(&x, Some(&temb))?;
             for (a, r) in mid.attentions.iter().zip(&mid.resnets[1..]) {
                 x = a.forward(&x, context)?;
                 x = r.forward(&x, Some(&temb))?;
             }
-            scope.exit()?;
         }
-        for (i, blk) in self.up.iter().enumerate() {
-            let name = format!("up_blocks.{i}");
-            let scope = ModuleScope::enter(src, &name)?;
+        for blk in &self.up {
             if let Block::Up {
                 resnets,
                 attentions,
@@ -666,7 +659,6 @@ impl UNet2DConditionModel {
                     x = u.forward(&x, size)?;
                 }
             }
-            scope.exit()?;
         }
         let scope = ModuleScope::enter(src, "conv_out")?;
         x = self.conv_out.forward(&self.norm_out.forward(&x)?.silu()?)?;
