@@ -11,6 +11,15 @@ pub fn parse_device(name: &str) -> Result<Device> {
     if name == "cpu" {
         return Ok(Device::Cpu);
     }
+    if name == "auto" {
+        // The best available: the first GPU when the build and the machine have one.
+        if candle_core::utils::cuda_is_available() {
+            if let Ok(d) = Device::new_cuda(0) {
+                return Ok(d);
+            }
+        }
+        return Ok(Device::Cpu);
+    }
     let ordinal = match name {
         "cuda" => Some(0),
         _ => name
@@ -19,7 +28,8 @@ pub fn parse_device(name: &str) -> Result<Device> {
     };
     let Some(ordinal) = ordinal else {
         return Err(Error::InvalidArgument(format!(
-            "unknown device `{name}`; use cpu, cuda or cuda:N"
+            "unknown device `{name}`; use auto, cpu, cuda or cuda:N (available: {})",
+            available().join(", ")
         )));
     };
     if !candle_core::utils::cuda_is_available() {
@@ -30,6 +40,20 @@ pub fn parse_device(name: &str) -> Result<Device> {
     }
     Device::new_cuda(ordinal)
         .map_err(|e| Error::DeviceUnavailable(format!("`{name}` cannot be opened: {e}")))
+}
+
+/// The devices this build can open on this machine.
+pub fn available() -> Vec<String> {
+    let mut out = vec!["cpu".to_string()];
+    if candle_core::utils::cuda_is_available() {
+        for i in 0..16 {
+            if Device::new_cuda(i).is_err() {
+                break;
+            }
+            out.push(format!("cuda:{i}"));
+        }
+    }
+    out
 }
 
 /// Parses `f32`, `f16` or `bf16` as a compute dtype.

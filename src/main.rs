@@ -9,7 +9,14 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use lowtide::device::{parse_device, parse_dtype};
 use lowtide::io::{read_image, read_image_arg, read_single_tensor, save_images, save_tensors};
-use lowtide::pipelines::{load_vae, resolve_model, GenerateRequest, LoadOptions, StableDiffusion};
+use lowtide::pipelines::{
+    load_vae, resolve_model, DeviceMapSpec, GenerateRequest, LoadOptions, OffloadPlan,
+    StableDiffusion,
+};
+use lowtide::residency::device_map::parse_max_memory;
+use lowtide::residency::{DeviceMap, Strategy};
+
+const MIB: f64 = 1024.0 * 1024.0;
 use lowtide::schedulers::SchedulerKind;
 
 #[derive(Parser)]
@@ -74,8 +81,8 @@ struct ModelArgs {
     /// Compute dtype: f32, f16 or bf16.
     #[arg(long, default_value = "f32")]
     dtype: String,
-    /// Execution device: cpu, cuda or cuda:N.
-    #[arg(long, default_value = "cpu")]
+    /// Execution device: cpu, cuda or cuda:N (default: the best available).
+    #[arg(long, default_value = "auto")]
     device: String,
 }
 
@@ -89,6 +96,7 @@ impl ModelArgs {
             device,
             dtype,
             variant: self.variant.clone(),
+            device_map: None,
         };
         Ok((root, opts))
     }
@@ -133,6 +141,78 @@ struct GenerateArgs {
     /// Writes `prompt_embeds`, `final_latents` and `image` as f32 safetensors.
     #[arg(long)]
     save_tensors: Option<PathBuf>,
+    #[command(flatten)]
+    memory: MemoryArgs,
+}
+
+#[derive(Args)]
+struct MemoryArgs {
+    /// Offload strategy: none, model, sequential or group.
+    #[arg(long, default_value = "none")]
+    offload: String,
+    /// Keep this component resident (text_encoder, unet, vae); repeatable.
+    #[arg(long = "keep-on-device", value_name = "COMPONENT")]
+    keep_on_device: Vec<String>,
+    /// Group offload: consecutive units (resnets, attention blocks, …) per group.
+    #[arg(long, default_value_t = 1)]
+    blocks_per_group: usize,
+    /// Group offload: do not prefetch the next group.
+    #[arg(long)]
+    no_prefetch: bool,
+    /// Place whole components on devices: `balanced` (with --max-memory) or COMPONENT=DEVICE,...
+    #[arg(long)]
+    device_map: Option<String>,
+    /// Budgets for --device-map balanced, e.g. cuda:0=6GiB,cuda:1=6GiB,cpu=16GiB.
+    #[arg(long)]
+    max_memory: Option<String>,
+    /// Write residency figures (peak resident bytes, transfers, times) as JSON.
+    #[arg(long, value_name = "FILE.json")]
+    report: Option<PathBuf>,
+}
+
+impl MemoryArgs {
+    fn strategy(&self) -> Result<Strategy> {
+        Ok(match self.offload.as_str() {
+            "none" => Strategy::None,
+            "model" => Strategy::Model,
+            "sequential" => Strategy::Sequential,
+            "group" => {
+                if self.blocks_per_group == 0 {
+                    anyhow::bail!("--blocks-per-group must be at least 1");
+                }
+                Strategy::Group {
+                    blocks_per_group: self.blocks_per_group,
+                    prefetch: !self.no_prefetch,
+                }
+            }
+            other => anyhow::bail!(
+                "unknown --offload strategy `{other}`; choose none, model, sequential or group"
+            ),
+        })
+    }
+
+    fn device_map(&self) -> Result<Option<DeviceMapSpec>> {
+        match (self.device_map.as_deref(), &self.max_memory) {
+            (None, None) => Ok(None),
+            (None, Some(_)) => anyhow::bail!("--max-memory needs --device-map balanced"),
+            (Some("balanced"), mm) => {
+                let mm = mm.as_deref().ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "--device-map balanced needs --max-memory, e.g. cuda:0=6GiB,cpu=16GiB"
+                    )
+                })?;
+                Ok(Some(DeviceMapSpec::Balanced {
+                    max_memory: parse_max_memory(mm)?,
+                }))
+            }
+            (Some(spec), None) => Ok(Some(DeviceMapSpec::Explicit(DeviceMap::parse_explicit(
+                spec,
+            )?))),
+            (Some(_), Some(_)) => {
+                anyhow::bail!("--max-memory only applies to --device-map balanced")
+            }
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -165,7 +245,18 @@ fn generate(args: GenerateArgs) -> Result<()> {
             anyhow::bail!("--strength must be in (0, 1]; got {s}");
         }
     }
-    let (root, opts) = args.model.open()?;
+    let strategy = args.memory.strategy()?;
+    let device_map = args.memory.device_map()?;
+    if device_map.is_some()
+        && (strategy != Strategy::None || !args.memory.keep_on_device.is_empty())
+    {
+        anyhow::bail!(
+            "--offload and --device-map exclude each other: a device map places whole components; \
+             drop --device-map (reset the map) to offload"
+        );
+    }
+    let (root, mut opts) = args.model.open()?;
+    opts.device_map = device_map;
     let device = opts.device.clone();
     let init_image = args
         .init_image
@@ -179,8 +270,14 @@ fn generate(args: GenerateArgs) -> Result<()> {
         .map(|p| read_single_tensor(p, &device))
         .transpose()
         .context("cannot use --latents")?;
-    let pipe = StableDiffusion::load(&root, opts)
+    let mut pipe = StableDiffusion::load(&root, opts)
         .with_context(|| format!("cannot load the pipeline in {}", root.display()))?;
+    let plan = OffloadPlan {
+        keep_on_device: args.memory.keep_on_device.clone(),
+        ..OffloadPlan::uniform(strategy)
+    };
+    pipe.set_offload(&plan)?;
+    pipe.accounting.reset();
     let req = GenerateRequest {
         prompt: args.prompt,
         negative_prompt: args.negative_prompt,
@@ -207,6 +304,36 @@ fn generate(args: GenerateArgs) -> Result<()> {
         bar.set_position(i as u64);
     })?;
     bar.finish_and_clear();
+    let usage = pipe.accounting.report();
+    eprintln!(
+        "offload {}: peak resident {:.1} MiB, {:.1} MiB moved, {:.2} s moving / {:.2} s waiting, {:.2} s wall",
+        strategy.name(),
+        usage.peak_resident_bytes as f64 / MIB,
+        usage.bytes_transferred as f64 / MIB,
+        usage.transfer_seconds,
+        usage.stall_seconds,
+        usage.wall_seconds
+    );
+    if let Some(path) = &args.memory.report {
+        let mut v = serde_json::to_value(&usage)?;
+        v["strategy"] = strategy.name().into();
+        if let Strategy::Group {
+            blocks_per_group,
+            prefetch,
+        } = strategy
+        {
+            v["blocks_per_group"] = blocks_per_group.into();
+            v["prefetch"] = prefetch.into();
+        }
+        v["device"] = format!("{:?}", pipe.options.device).into();
+        v["dtype"] = format!("{:?}", pipe.options.dtype).into();
+        v["device_map"] = match pipe.device_map() {
+            Some(m) => serde_json::to_value(&m.placement)?,
+            None => serde_json::Value::Null,
+        };
+        std::fs::write(path, serde_json::to_string_pretty(&v)?)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
 
     for p in save_images(&out.image, &args.out)? {
         eprintln!("wrote {}", p.display());

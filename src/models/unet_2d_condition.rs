@@ -581,7 +581,7 @@ impl UNet2DConditionModel {
                 rows.push(0.0);
             }
         }
-        Ok(Tensor::from_vec(rows, (t.len(), dim), self.src.device())?.to_dtype(dtype)?)
+        Ok(Tensor::from_vec(rows, (t.len(), dim), &self.src.device())?.to_dtype(dtype)?)
     }
 
     /// Predicts noise (or v) for `sample` (B,C,h,w) at timestep `t` given text `context`.

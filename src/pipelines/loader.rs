@@ -9,7 +9,7 @@ use candle_core::{DType, Device};
 use serde_json::Value;
 
 use crate::error::{read_json, Error, Result};
-use crate::residency::{ParamPath, ResidentWeights, WeightProvider};
+use crate::residency::{Accounting, ManagedWeights, ParamPath, WeightProvider};
 use crate::weights::WeightStore;
 
 /// `model_index.json`: the pipeline class and, per component, `[library, class]`.
@@ -202,7 +202,7 @@ fn download(
 pub struct Component {
     pub name: String,
     pub dir: PathBuf,
-    pub weights: Arc<ResidentWeights>,
+    pub weights: Arc<ManagedWeights>,
 }
 
 impl Component {
@@ -213,6 +213,7 @@ impl Component {
         variant: Option<&str>,
         device: &Device,
         dtype: DType,
+        acct: Arc<Accounting>,
     ) -> Result<Self> {
         let dir = root.join(name);
         if !dir.is_dir() {
@@ -226,7 +227,13 @@ impl Component {
         Ok(Self {
             name: name.into(),
             dir,
-            weights: Arc::new(ResidentWeights::new(store, device.clone(), dtype)),
+            weights: Arc::new(ManagedWeights::new(
+                name,
+                store,
+                device.clone(),
+                dtype,
+                acct,
+            )),
         })
     }
 
@@ -234,11 +241,14 @@ impl Component {
         ParamPath::root(self.weights.clone() as Arc<dyn WeightProvider>)
     }
 
-    /// Checks every declared parameter against the checkpoint (names, shapes, dtypes).
+    /// Checks every declared parameter against the checkpoint (names, shapes, dtypes) and hands
+    /// the list to the residency manager.
     pub fn validate(&self, pp: &ParamPath) -> Result<()> {
-        for spec in pp.declared() {
+        let declared = pp.declared();
+        for spec in &declared {
             self.weights.store().check(&spec.name, &spec.shape)?;
         }
+        self.weights.set_declared(declared);
         Ok(())
     }
 

@@ -5,5 +5,8 @@ pub mod stable_diffusion;
 pub mod vae;
 
 pub use loader::{hf_cache_dir, resolve_model, Component, ModelIndex};
-pub use stable_diffusion::{GenerateOutput, GenerateRequest, LoadOptions, StableDiffusion};
+pub use stable_diffusion::{
+    DeviceMapSpec, GenerateOutput, GenerateRequest, LoadOptions, OffloadPlan, StableDiffusion,
+    OFFLOAD_ORDER,
+};
 pub use vae::load_vae;

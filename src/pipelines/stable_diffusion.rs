@@ -1,16 +1,20 @@
 //! Stable Diffusion 1.x / 2.x: text-to-image and image-to-image, step for step as diffusers'
 //! `StableDiffusionPipeline` and `StableDiffusionImg2ImgPipeline`.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 
 use super::loader::{Component, ModelIndex};
+use crate::device::parse_device;
 use crate::error::{read_json, Error, Result};
 use crate::models::{
     AutoencoderKL, AutoencoderKLConfig, ClipTextConfig, ClipTextModel, UNet2DConditionConfig,
     UNet2DConditionModel,
 };
+use crate::residency::{plan_balanced, Accounting, DeviceMap, Strategy, WeightProvider};
 use crate::rng::TorchRng;
 use crate::schedulers::{self, SchedulerConfig, SchedulerKind};
 use crate::tokenizer::ClipTokenizer;
@@ -24,6 +28,37 @@ pub struct LoadOptions {
     pub dtype: DType,
     /// Weight file variant (`fp16` reads `*.fp16.safetensors`).
     pub variant: Option<String>,
+    /// Whole components on different devices (excludes offloading until reset).
+    pub device_map: Option<DeviceMapSpec>,
+}
+
+/// How `--device-map` places components.
+#[derive(Debug, Clone)]
+pub enum DeviceMapSpec {
+    /// `component=device` pairs; unnamed components stay on the main device.
+    Explicit(DeviceMap),
+    /// diffusers' "balanced" strategy over `--max-memory` budgets.
+    Balanced { max_memory: Vec<(String, u64)> },
+}
+
+/// Which offload strategy each component gets.
+#[derive(Debug, Clone)]
+pub struct OffloadPlan {
+    pub default: Strategy,
+    /// Per-component overrides (library API: e.g. group for the UNet, model for the rest).
+    pub per_component: BTreeMap<String, Strategy>,
+    /// Components kept out of offload (diffusers' `_exclude_from_cpu_offload`).
+    pub keep_on_device: Vec<String>,
+}
+
+impl OffloadPlan {
+    pub fn uniform(s: Strategy) -> Self {
+        Self {
+            default: s,
+            per_component: BTreeMap::new(),
+            keep_on_device: Vec::new(),
+        }
+    }
 }
 
 impl Default for LoadOptions {
@@ -32,6 +67,7 @@ impl Default for LoadOptions {
             device: Device::Cpu,
             dtype: DType::F32,
             variant: None,
+            device_map: None,
         }
     }
 }
@@ -46,7 +82,13 @@ pub struct StableDiffusion {
     pub default_scheduler: SchedulerKind,
     pub components: Vec<Component>,
     pub options: LoadOptions,
+    /// Resident bytes, peaks and transfers of every component.
+    pub accounting: Arc<Accounting>,
+    device_map: Option<DeviceMap>,
 }
+
+/// diffusers' `model_cpu_offload_seq` for Stable Diffusion.
+pub const OFFLOAD_ORDER: [&str; 3] = ["text_encoder", "unet", "vae"];
 
 /// What to generate.
 #[derive(Debug, Clone)]
@@ -141,6 +183,7 @@ impl StableDiffusion {
             }
         }
 
+        let acct = Arc::new(Accounting::default());
         let te = Component::open(
             root,
             "text_encoder",
@@ -148,6 +191,7 @@ impl StableDiffusion {
             variant_of("text_encoder", "model"),
             dev,
             dt,
+            acct.clone(),
         )?;
         let te_cfg: ClipTextConfig = te.config()?;
         let pp = te.param_root();
@@ -161,6 +205,7 @@ impl StableDiffusion {
             variant_of("unet", "diffusion_pytorch_model"),
             dev,
             dt,
+            acct.clone(),
         )?;
         let unet_cfg: UNet2DConditionConfig = unet_c.config()?;
         let pp = unet_c.param_root();
@@ -174,6 +219,7 @@ impl StableDiffusion {
             variant_of("vae", "diffusion_pytorch_model"),
             dev,
             dt,
+            acct.clone(),
         )?;
         let vae_cfg: AutoencoderKLConfig = vae_c.config()?;
         let pp = vae_c.param_root();
@@ -189,7 +235,7 @@ impl StableDiffusion {
                 te_cfg.vocab_size
             )));
         }
-        Ok(Self {
+        let mut pipe = Self {
             root: root.to_path_buf(),
             tokenizer,
             text_encoder,
@@ -199,7 +245,128 @@ impl StableDiffusion {
             default_scheduler,
             components: vec![te, unet_c, vae_c],
             options: opts,
-        })
+            accounting: acct,
+            device_map: None,
+        };
+        if let Some(spec) = pipe.options.device_map.clone() {
+            pipe.apply_device_map(&spec)?;
+        }
+        Ok(pipe)
+    }
+
+    fn component(&self, name: &str) -> Result<&Component> {
+        self.components
+            .iter()
+            .find(|c| c.name == name)
+            .ok_or_else(|| {
+                Error::InvalidArgument(format!(
+                    "unknown component `{name}`; this pipeline has {}",
+                    OFFLOAD_ORDER.join(", ")
+                ))
+            })
+    }
+
+    /// The device a component computes on.
+    pub fn component_device(&self, name: &str) -> Result<Device> {
+        Ok(self.component(name)?.weights.device())
+    }
+
+    fn apply_device_map(&mut self, spec: &DeviceMapSpec) -> Result<()> {
+        if self
+            .components
+            .iter()
+            .any(|c| c.weights.strategy() != Strategy::None)
+        {
+            return Err(Error::InvalidArgument(
+                "a device map cannot be combined with offloading; turn offloading off first".into(),
+            ));
+        }
+        let map = match spec {
+            DeviceMapSpec::Explicit(m) => m.clone(),
+            DeviceMapSpec::Balanced { max_memory } => {
+                let sizes: Vec<(String, u64)> = self
+                    .components
+                    .iter()
+                    .map(|c| (c.name.clone(), c.weights.total_bytes()))
+                    .collect();
+                plan_balanced(&sizes, max_memory)?
+            }
+        };
+        for (name, dev) in &map.placement {
+            let device = parse_device(dev)?;
+            self.component(name)?.weights.set_device(device)?;
+        }
+        self.device_map = Some(map);
+        Ok(())
+    }
+
+    /// The device map in force, if any.
+    pub fn device_map(&self) -> Option<&DeviceMap> {
+        self.device_map.as_ref()
+    }
+
+    /// Puts every component back on the main device, so offloading can be enabled.
+    pub fn reset_device_map(&mut self) -> Result<()> {
+        for c in &self.components {
+            c.weights.set_device(self.options.device.clone())?;
+        }
+        self.device_map = None;
+        Ok(())
+    }
+
+    /// Sets each component's offload strategy. Refused while a device map is in force, as
+    /// diffusers refuses `enable_model_cpu_offload` after `device_map=`.
+    pub fn set_offload(&mut self, plan: &OffloadPlan) -> Result<()> {
+        for name in plan.per_component.keys().chain(&plan.keep_on_device) {
+            self.component(name)?;
+        }
+        let strategy_of = |name: &str| {
+            if plan.keep_on_device.iter().any(|k| k == name) {
+                Strategy::None
+            } else {
+                plan.per_component
+                    .get(name)
+                    .copied()
+                    .unwrap_or(plan.default)
+            }
+        };
+        if self.device_map.is_some()
+            && self
+                .components
+                .iter()
+                .any(|c| strategy_of(&c.name) != Strategy::None)
+        {
+            return Err(Error::InvalidArgument(
+                "offloading cannot be combined with a device map: the pipeline's components are \
+                 placed by --device-map; reset the map first (library: reset_device_map())"
+                    .into(),
+            ));
+        }
+        for c in &self.components {
+            c.weights.set_strategy(strategy_of(&c.name))?;
+        }
+        Ok(())
+    }
+
+    /// Before a component runs: every other offloaded component gives its weights back (in the
+    /// declared order only one is active at a time), and under model offload this one is loaded
+    /// whole.
+    fn use_component(&self, name: &str) -> Result<()> {
+        let this = self.component(name)?;
+        for c in &self.components {
+            if c.name != name {
+                c.weights.release()?;
+            }
+        }
+        this.weights.activate()
+    }
+
+    /// After a pipeline call nothing offloaded stays resident (diffusers' `maybe_free_model_hooks`).
+    pub fn free_offloaded(&self) -> Result<()> {
+        for c in &self.components {
+            c.weights.release()?;
+        }
+        Ok(())
     }
 
     pub fn device(&self) -> &Device {
@@ -215,21 +382,35 @@ impl StableDiffusion {
         self.unet.config().in_channels
     }
 
-    /// Text embeddings (1, seq, D) for one prompt.
+    /// Text embeddings (1, seq, D) for one prompt, on the UNet's device.
     pub fn encode_text(&self, text: &str) -> Result<Tensor> {
         let ids = self.tokenizer.encode_padded(text)?;
         let n = ids.len();
-        let ids = Tensor::from_vec(ids, (1, n), self.device())?;
-        self.text_encoder.forward(&ids, self.options.dtype)
+        let ids = Tensor::from_vec(ids, (1, n), &self.component_device("text_encoder")?)?;
+        let out = self.text_encoder.forward(&ids, self.options.dtype)?;
+        Ok(out.to_device(&self.component_device("unet")?)?)
     }
 
     fn randn(&self, rng: &mut TorchRng, shape: &[usize]) -> Result<Tensor> {
         let n = shape.iter().product();
-        Ok(Tensor::from_vec(rng.randn(n), shape, self.device())?.to_dtype(self.options.dtype)?)
+        let dev = self.component_device("unet")?;
+        Ok(Tensor::from_vec(rng.randn(n), shape, &dev)?.to_dtype(self.options.dtype)?)
     }
 
     /// Runs txt2img (or img2img when `init_image` is set). `on_step(i, total)` reports progress.
     pub fn generate(
+        &self,
+        req: &GenerateRequest,
+        on_step: &mut dyn FnMut(usize, usize),
+    ) -> Result<GenerateOutput> {
+        let out = self.generate_inner(req, on_step);
+        let freed = self.free_offloaded();
+        let out = out?;
+        freed?;
+        Ok(out)
+    }
+
+    fn generate_inner(
         &self,
         req: &GenerateRequest,
         on_step: &mut dyn FnMut(usize, usize),
@@ -271,6 +452,7 @@ impl StableDiffusion {
         }
         let (h, w) = (height / f, width / f);
 
+        self.use_component("text_encoder")?;
         let cond = self.encode_text(&req.prompt)?;
         let cfg = req.guidance > 1.0;
         let prompt_embeds = cond.repeat((b, 1, 1))?;
@@ -306,7 +488,15 @@ impl StableDiffusion {
             let start = (t_start * sched.order()).min(all_ts.len());
             let ts = all_ts[start..].to_vec();
             sched.set_begin_index(start);
-            let dist = self.vae.encode(&img.to_dtype(dtype)?)?;
+            self.use_component("vae")?;
+            let vae_dev = self.component_device("vae")?;
+            let dist = self
+                .vae
+                .encode(&img.to_device(&vae_dev)?.to_dtype(dtype)?)?;
+            let dist = crate::models::LatentDist {
+                mean: dist.mean.to_device(&self.component_device("unet")?)?,
+                logvar: dist.logvar.to_device(&self.component_device("unet")?)?,
+            };
             let eps = self.randn(&mut rng, dist.mean.dims())?;
             let sample = (&dist.mean + (dist.std()? * eps)?)?;
             let init = (sample * self.vae.config().scaling_factor)?;
@@ -324,13 +514,15 @@ impl StableDiffusion {
                             l.dims()
                         )));
                     }
-                    l.to_device(self.device())?.to_dtype(dtype)?
+                    l.to_device(&self.component_device("unet")?)?
+                        .to_dtype(dtype)?
                 }
                 None => self.randn(&mut rng, &[b, c, h, w])?,
             };
             (all_ts, (lat * sched.init_noise_sigma())?)
         };
 
+        self.use_component("unet")?;
         let total = timesteps.len();
         for (i, &t) in timesteps.iter().enumerate() {
             let inp = if cfg {
@@ -351,6 +543,7 @@ impl StableDiffusion {
             on_step(i + 1, total);
         }
 
+        self.use_component("vae")?;
         let image = self.decode_to_image(&latents)?;
         Ok(GenerateOutput {
             prompt_embeds,
@@ -361,12 +554,14 @@ impl StableDiffusion {
 
     /// VAE-decodes scaled latents into (B, H, W, 3) images in [0, 1].
     pub fn decode_to_image(&self, latents: &Tensor) -> Result<Tensor> {
-        let z = (latents / self.vae.config().scaling_factor)?;
+        let z = (latents.to_device(&self.component_device("vae")?)?
+            / self.vae.config().scaling_factor)?;
         let x = self.vae.decode(&z)?;
         Ok(((x / 2.0)? + 0.5)?
             .clamp(0f32, 1f32)?
             .permute((0, 2, 3, 1))?
             .to_dtype(DType::F32)?
+            .to_device(&Device::Cpu)?
             .contiguous()?)
     }
 }

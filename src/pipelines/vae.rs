@@ -32,6 +32,7 @@ pub fn load_vae(root: &Path, opts: &LoadOptions) -> Result<(AutoencoderKL, Compo
         opts.variant.as_deref(),
         &opts.device,
         opts.dtype,
+        Default::default(),
     )?;
     let cfg: AutoencoderKLConfig = c.config()?;
     let pp = c.param_root();

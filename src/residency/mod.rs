@@ -4,15 +4,22 @@
 //! component's [`WeightProvider`]) and resolve them at forward time. Modules that form natural
 //! offload units announce themselves with [`WeightProvider::enter`]/[`WeightProvider::exit`], so a
 //! provider can load a block's weights before it runs and drop them after. This foundation ships
-//! the simplest provider, [`ResidentWeights`]: everything is loaded once and stays.
+//! [`ManagedWeights`] is the provider: it owns where each weight is under an offload [`Strategy`],
+//! and reports to the pipeline's shared [`Accounting`].
 
-use std::collections::HashMap;
+pub mod accounting;
+pub mod device_map;
+pub mod manager;
+
 use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::Result;
-use crate::weights::WeightStore;
+
+pub use accounting::{Accounting, ComponentUsage, UsageReport};
+pub use device_map::{plan_balanced, DeviceMap};
+pub use manager::{ManagedWeights, Strategy};
 
 /// What a layer declares it needs: a tensor name (relative to its component) and shape.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,7 +43,7 @@ pub trait WeightProvider: Send + Sync {
     fn exit(&self, _module: &str) -> Result<()> {
         Ok(())
     }
-    fn device(&self) -> &Device;
+    fn device(&self) -> Device;
     fn dtype(&self) -> DType;
 }
 
@@ -192,67 +199,5 @@ impl Drop for ModuleScope<'_> {
     fn drop(&mut self) {
         // Reached only on an early return through `?`: the error being propagated matters more.
         let _ = self.src.exit(self.name);
-    }
-}
-
-/// Everything resident: each weight is read from storage on first use and kept.
-pub struct ResidentWeights {
-    store: WeightStore,
-    device: Device,
-    dtype: DType,
-    cache: Mutex<HashMap<String, Tensor>>,
-}
-
-impl ResidentWeights {
-    pub fn new(store: WeightStore, device: Device, dtype: DType) -> Self {
-        Self {
-            store,
-            device,
-            dtype,
-            cache: Mutex::default(),
-        }
-    }
-
-    pub fn store(&self) -> &WeightStore {
-        &self.store
-    }
-
-    /// Bytes currently materialised.
-    pub fn resident_bytes(&self) -> usize {
-        let cache = self.cache.lock().expect("weight cache poisoned");
-        cache
-            .values()
-            .map(|t| t.elem_count() * t.dtype().size_in_bytes())
-            .sum()
-    }
-}
-
-impl WeightProvider for ResidentWeights {
-    fn get(&self, spec: &ParamSpec) -> Result<Tensor> {
-        if let Some(t) = self
-            .cache
-            .lock()
-            .expect("weight cache poisoned")
-            .get(&spec.name)
-        {
-            return Ok(t.clone());
-        }
-        let t = self
-            .store
-            .load(&spec.name, &spec.shape, self.dtype, &self.device)?;
-        self.cache
-            .lock()
-            .expect("weight cache poisoned")
-            .insert(spec.name.clone(), t.clone());
-        Ok(t)
-    }
-    fn contains(&self, name: &str) -> bool {
-        self.store.get(name).is_some()
-    }
-    fn device(&self) -> &Device {
-        &self.device
-    }
-    fn dtype(&self) -> DType {
-        self.dtype
     }
 }

@@ -1,0 +1,513 @@
+//! The residency manager of one component: the one owner of where each of its weights is.
+//!
+//! Tiers: *storage* (the safetensors files, in their stored dtype, read per tensor) and the
+//! *execution device* (tensors in the compute dtype). A strategy decides when a weight moves up
+//! and when it is dropped:
+//!
+//! - `None`: loaded on first use, kept.
+//! - `Model`: the whole component is loaded by [`ManagedWeights::activate`] and dropped by
+//!   [`ManagedWeights::release`]; the pipeline calls them in its component order.
+//! - `Sequential`: only the leaf layer being run is resident (its parameters share a name prefix).
+//! - `Group`: units (resnets, attention blocks, samplers, encoder layers, stems) announce
+//!   themselves with `enter`; the first pass learns their order and which weights each uses; later
+//!   passes keep `N` consecutive units resident and prefetch the next group on a background
+//!   thread, wrapping from the last group to the first. At most one group is in flight, and its
+//!   bytes count as resident from the moment the prefetch starts, so the peak is honest.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+
+use super::accounting::Accounting;
+use super::{ParamSpec, WeightProvider};
+use crate::error::{Error, Result};
+use crate::weights::WeightStore;
+
+/// How a component's weights are brought onto the execution device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Strategy {
+    None,
+    Model,
+    Sequential,
+    Group {
+        blocks_per_group: usize,
+        prefetch: bool,
+    },
+}
+
+impl Strategy {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Strategy::None => "none",
+            Strategy::Model => "model",
+            Strategy::Sequential => "sequential",
+            Strategy::Group { .. } => "group",
+        }
+    }
+}
+
+type Loaded = HashMap<String, Tensor>;
+
+fn bytes_of(t: &Tensor) -> u64 {
+    (t.elem_count() * t.dtype().size_in_bytes()) as u64
+}
+
+/// Reads `specs` from storage. Returns the tensors and the seconds it took.
+fn load_all(
+    store: &WeightStore,
+    specs: &[ParamSpec],
+    dtype: DType,
+    device: &Device,
+) -> Result<(Loaded, f64)> {
+    let t0 = Instant::now();
+    let mut out = HashMap::with_capacity(specs.len());
+    for s in specs {
+        out.insert(
+            s.name.clone(),
+            store.load(&s.name, &s.shape, dtype, device)?,
+        );
+    }
+    Ok((out, t0.elapsed().as_secs_f64()))
+}
+
+struct InFlight {
+    group: usize,
+    bytes: u64,
+    handle: JoinHandle<Result<(Loaded, f64)>>,
+}
+
+#[derive(Default)]
+struct GroupState {
+    /// Units in first-seen order, and the weights each used, while learning.
+    order: Vec<String>,
+    unit_specs: HashMap<String, Vec<ParamSpec>>,
+    /// Set once the order is known.
+    groups: Option<Vec<Vec<ParamSpec>>>,
+    unit_group: HashMap<String, usize>,
+    loaded: BTreeMap<usize, (Loaded, u64)>,
+    in_flight: Option<InFlight>,
+}
+
+#[derive(Default)]
+struct State {
+    /// Weights kept regardless of units: everything for `None`/`Model`, the current leaf for
+    /// `Sequential`, parameters used outside any unit for `Group`.
+    kept: Loaded,
+    kept_bytes: u64,
+    /// `Sequential`: the leaf whose weights are in `kept`.
+    leaf: Option<String>,
+    /// `Group`: the unit running now and weights loaded for it outside the plan.
+    unit: Option<String>,
+    adhoc: Loaded,
+    adhoc_bytes: u64,
+    group: GroupState,
+}
+
+/// One component's weights under a strategy. Implements [`WeightProvider`] for its layers.
+pub struct ManagedWeights {
+    component: String,
+    store: Arc<WeightStore>,
+    device: Mutex<Device>,
+    dtype: DType,
+    strategy: Mutex<Strategy>,
+    acct: Arc<Accounting>,
+    declared: Mutex<Vec<ParamSpec>>,
+    state: Mutex<State>,
+}
+
+impl ManagedWeights {
+    pub fn new(
+        component: &str,
+        store: WeightStore,
+        device: Device,
+        dtype: DType,
+        acct: Arc<Accounting>,
+    ) -> Self {
+        acct.register(component);
+        Self {
+            component: component.to_string(),
+            store: Arc::new(store),
+            device: Mutex::new(device),
+            dtype,
+            strategy: Mutex::new(Strategy::None),
+            acct,
+            declared: Mutex::default(),
+            state: Mutex::default(),
+        }
+    }
+
+    pub fn component(&self) -> &str {
+        &self.component
+    }
+
+    pub fn store(&self) -> &WeightStore {
+        &self.store
+    }
+
+    pub fn strategy(&self) -> Strategy {
+        *lock(&self.strategy)
+    }
+
+    /// Every parameter the model declared (for `Model`'s whole-component load).
+    pub fn set_declared(&self, specs: Vec<ParamSpec>) {
+        *lock(&self.declared) = specs;
+    }
+
+    /// Bytes of all declared parameters in the compute dtype.
+    pub fn total_bytes(&self) -> u64 {
+        let n: usize = lock(&self.declared)
+            .iter()
+            .map(|s| s.shape.iter().product::<usize>())
+            .sum();
+        (n * self.dtype.size_in_bytes()) as u64
+    }
+
+    /// Bytes of the largest layer (parameters sharing a name prefix): sequential offload's unit.
+    pub fn largest_layer_bytes(&self) -> u64 {
+        let mut per: HashMap<&str, usize> = HashMap::new();
+        let declared = lock(&self.declared);
+        for s in declared.iter() {
+            *per.entry(leaf_of(&s.name)).or_default() += s.shape.iter().product::<usize>();
+        }
+        (per.values().copied().max().unwrap_or(0) * self.dtype.size_in_bytes()) as u64
+    }
+
+    /// Bytes of each planned group, once group offload has learned the order.
+    pub fn group_bytes(&self) -> Option<Vec<u64>> {
+        let st = lock(&self.state);
+        let size = self.dtype.size_in_bytes();
+        st.group.groups.as_ref().map(|gs| {
+            gs.iter()
+                .map(|g| {
+                    g.iter()
+                        .map(|s| (s.shape.iter().product::<usize>() * size) as u64)
+                        .sum()
+                })
+                .collect()
+        })
+    }
+
+    /// Changes the strategy; everything resident is dropped first.
+    pub fn set_strategy(&self, s: Strategy) -> Result<()> {
+        if let Strategy::Group {
+            blocks_per_group: 0,
+            ..
+        } = s
+        {
+            return Err(Error::InvalidArgument(
+                "--blocks-per-group must be at least 1".into(),
+            ));
+        }
+        self.release_all()?;
+        *lock(&self.state) = State::default();
+        *lock(&self.strategy) = s;
+        Ok(())
+    }
+
+    /// Moves the component to another device; everything resident is dropped first.
+    pub fn set_device(&self, device: Device) -> Result<()> {
+        self.release_all()?;
+        *lock(&self.device) = device;
+        Ok(())
+    }
+
+    fn load_one(&self, spec: &ParamSpec) -> Result<Tensor> {
+        let t0 = Instant::now();
+        let device = lock(&self.device).clone();
+        let t = self
+            .store
+            .load(&spec.name, &spec.shape, self.dtype, &device)?;
+        let secs = t0.elapsed().as_secs_f64();
+        self.acct.transferred(bytes_of(&t), secs);
+        self.acct.stalled(secs);
+        Ok(t)
+    }
+
+    /// Model offload: loads the whole component now.
+    pub fn activate(&self) -> Result<()> {
+        if self.strategy() != Strategy::Model {
+            return Ok(());
+        }
+        let specs = lock(&self.declared).clone();
+        let mut st = lock(&self.state);
+        for spec in &specs {
+            if !st.kept.contains_key(&spec.name) {
+                let t = self.load_one(spec)?;
+                let b = bytes_of(&t);
+                st.kept.insert(spec.name.clone(), t);
+                st.kept_bytes += b;
+                self.acct.add(&self.component, b);
+            }
+        }
+        Ok(())
+    }
+
+    /// Drops what the strategy does not keep between calls (everything but `None`'s weights).
+    /// Group offload's learned order becomes final here if a pass has been seen.
+    pub fn release(&self) -> Result<()> {
+        if self.strategy() == Strategy::None {
+            return Ok(());
+        }
+        self.release_all()
+    }
+
+    fn release_all(&self) -> Result<()> {
+        let mut st = lock(&self.state);
+        let in_flight = st.group.in_flight.take();
+        if let Some(f) = in_flight {
+            // Wait for the prefetch thread so its memory is really gone; its result is unused.
+            let _ = f.handle.join();
+            self.acct.sub(&self.component, f.bytes);
+        }
+        let loaded = std::mem::take(&mut st.group.loaded);
+        for (_, (_, b)) in loaded {
+            self.acct.sub(&self.component, b);
+        }
+        let (kept, adhoc) = (st.kept_bytes, st.adhoc_bytes);
+        self.acct.sub(&self.component, kept + adhoc);
+        st.kept.clear();
+        st.kept_bytes = 0;
+        st.adhoc.clear();
+        st.adhoc_bytes = 0;
+        st.leaf = None;
+        st.unit = None;
+        if st.group.groups.is_none() && !st.group.order.is_empty() {
+            self.plan_groups(&mut st);
+        }
+        Ok(())
+    }
+
+    fn plan_groups(&self, st: &mut State) {
+        let Strategy::Group {
+            blocks_per_group, ..
+        } = self.strategy()
+        else {
+            return;
+        };
+        let g = &mut st.group;
+        let mut groups = Vec::new();
+        for (i, chunk) in g.order.chunks(blocks_per_group.max(1)).enumerate() {
+            let mut specs = Vec::new();
+            for u in chunk {
+                g.unit_group.insert(u.clone(), i);
+                specs.extend(g.unit_specs.get(u).cloned().unwrap_or_default());
+            }
+            groups.push(specs);
+        }
+        g.groups = Some(groups);
+    }
+
+    /// Makes group `gi` resident, evicting every other group, then starts the next prefetch.
+    fn enter_group(&self, st: &mut State, gi: usize) -> Result<()> {
+        let Strategy::Group { prefetch, .. } = self.strategy() else {
+            return Ok(());
+        };
+        let n = st.group.groups.as_ref().map_or(0, |g| g.len());
+        // Evict the others first so at most this group and one prefetch are resident.
+        let others: Vec<usize> = st
+            .group
+            .loaded
+            .keys()
+            .copied()
+            .filter(|&k| k != gi)
+            .collect();
+        for k in others {
+            if let Some((_, b)) = st.group.loaded.remove(&k) {
+                self.acct.sub(&self.component, b);
+            }
+        }
+        if !st.group.loaded.contains_key(&gi) {
+            let t0 = Instant::now();
+            let mut got = None;
+            if let Some(f) = st.group.in_flight.take() {
+                let res = f.handle.join().map_err(|_| {
+                    Error::InvalidArgument("weight prefetch thread panicked".into())
+                })?;
+                if f.group == gi {
+                    let (tensors, secs) = res?;
+                    self.acct.transferred(f.bytes, secs);
+                    got = Some((tensors, f.bytes));
+                } else {
+                    self.acct.sub(&self.component, f.bytes);
+                }
+            }
+            let entry = match got {
+                Some(e) => e,
+                None => {
+                    let specs = st
+                        .group
+                        .groups
+                        .as_ref()
+                        .map(|g| g[gi].clone())
+                        .unwrap_or_default();
+                    let device = lock(&self.device).clone();
+                    let (tensors, secs) = load_all(&self.store, &specs, self.dtype, &device)?;
+                    let b: u64 = tensors.values().map(bytes_of).sum();
+                    self.acct.transferred(b, secs);
+                    self.acct.add(&self.component, b);
+                    (tensors, b)
+                }
+            };
+            self.acct.stalled(t0.elapsed().as_secs_f64());
+            st.group.loaded.insert(gi, entry);
+        }
+        if prefetch && n > 1 {
+            let next = (gi + 1) % n;
+            let busy = st.group.in_flight.is_some() || st.group.loaded.contains_key(&next);
+            if !busy {
+                let specs = st
+                    .group
+                    .groups
+                    .as_ref()
+                    .map(|g| g[next].clone())
+                    .unwrap_or_default();
+                let bytes: u64 = specs
+                    .iter()
+                    .map(|s| {
+                        (s.shape.iter().product::<usize>() * self.dtype.size_in_bytes()) as u64
+                    })
+                    .sum();
+                self.acct.add(&self.component, bytes);
+                let store = self.store.clone();
+                let (dtype, device) = (self.dtype, lock(&self.device).clone());
+                let handle = std::thread::Builder::new()
+                    .name("lowtide-prefetch".into())
+                    .spawn(move || load_all(&store, &specs, dtype, &device))
+                    .map_err(|e| Error::InvalidArgument(format!("cannot start prefetch: {e}")))?;
+                st.group.in_flight = Some(InFlight {
+                    group: next,
+                    bytes,
+                    handle,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn keep(&self, st: &mut State, spec: &ParamSpec) -> Result<Tensor> {
+        if let Some(t) = st.kept.get(&spec.name) {
+            return Ok(t.clone());
+        }
+        let t = self.load_one(spec)?;
+        let b = bytes_of(&t);
+        st.kept.insert(spec.name.clone(), t.clone());
+        st.kept_bytes += b;
+        self.acct.add(&self.component, b);
+        Ok(t)
+    }
+
+    fn drop_kept(&self, st: &mut State) {
+        self.acct.sub(&self.component, st.kept_bytes);
+        st.kept.clear();
+        st.kept_bytes = 0;
+    }
+
+    fn drop_adhoc(&self, st: &mut State) {
+        self.acct.sub(&self.component, st.adhoc_bytes);
+        st.adhoc.clear();
+        st.adhoc_bytes = 0;
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The parameter's layer: its name without the last dotted part.
+fn leaf_of(name: &str) -> &str {
+    name.rsplit_once('.').map_or("", |(l, _)| l)
+}
+
+impl WeightProvider for ManagedWeights {
+    fn get(&self, spec: &ParamSpec) -> Result<Tensor> {
+        let strategy = self.strategy();
+        let mut st = lock(&self.state);
+        match strategy {
+            Strategy::None | Strategy::Model => self.keep(&mut st, spec),
+            Strategy::Sequential => {
+                let leaf = leaf_of(&spec.name);
+                if st.leaf.as_deref() != Some(leaf) {
+                    self.drop_kept(&mut st);
+                    st.leaf = Some(leaf.to_string());
+                }
+                self.keep(&mut st, spec)
+            }
+            Strategy::Group { .. } => {
+                let Some(unit) = st.unit.clone() else {
+                    // Outside every unit: a non-block parameter, kept.
+                    return self.keep(&mut st, spec);
+                };
+                if st.group.groups.is_none() {
+                    let specs = st.group.unit_specs.entry(unit).or_default();
+                    if !specs.iter().any(|s| s.name == spec.name) {
+                        specs.push(spec.clone());
+                    }
+                } else if let Some(gi) = st.group.unit_group.get(&unit).copied() {
+                    if let Some(t) = st
+                        .group
+                        .loaded
+                        .get(&gi)
+                        .and_then(|(m, _)| m.get(&spec.name))
+                    {
+                        return Ok(t.clone());
+                    }
+                }
+                if let Some(t) = st.adhoc.get(&spec.name) {
+                    return Ok(t.clone());
+                }
+                let t = self.load_one(spec)?;
+                let b = bytes_of(&t);
+                st.adhoc.insert(spec.name.clone(), t.clone());
+                st.adhoc_bytes += b;
+                self.acct.add(&self.component, b);
+                Ok(t)
+            }
+        }
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        self.store.get(name).is_some()
+    }
+
+    fn enter(&self, module: &str) -> Result<()> {
+        if !matches!(self.strategy(), Strategy::Group { .. }) {
+            return Ok(());
+        }
+        let mut st = lock(&self.state);
+        self.drop_adhoc(&mut st);
+        if st.group.groups.is_none() {
+            if st.group.order.iter().any(|u| u == module) {
+                // A unit came round again: one full pass has been seen.
+                self.plan_groups(&mut st);
+            } else {
+                st.group.order.push(module.to_string());
+            }
+        }
+        if let Some(gi) = st.group.unit_group.get(module).copied() {
+            self.enter_group(&mut st, gi)?;
+        }
+        st.unit = Some(module.to_string());
+        Ok(())
+    }
+
+    fn exit(&self, _module: &str) -> Result<()> {
+        if !matches!(self.strategy(), Strategy::Group { .. }) {
+            return Ok(());
+        }
+        let mut st = lock(&self.state);
+        st.unit = None;
+        self.drop_adhoc(&mut st);
+        Ok(())
+    }
+
+    fn device(&self) -> Device {
+        lock(&self.device).clone()
+    }
+
+    fn dtype(&self) -> DType {
+        self.dtype
+    }
+}
