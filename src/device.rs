@@ -34,12 +34,17 @@ pub fn parse_device(name: &str) -> Result<Device> {
     };
     if !candle_core::utils::cuda_is_available() {
         return Err(Error::DeviceUnavailable(format!(
-            "`{name}` was requested but this lowtide was built without CUDA support; \
-             rebuild with `cargo build --release --features cuda` or use --device cpu"
+            "`{name}` was requested but this lowtide was built without CUDA support \
+             (available: {}); rebuild with `cargo build --release --features cuda` or use --device cpu",
+            available().join(", ")
         )));
     }
-    Device::new_cuda(ordinal)
-        .map_err(|e| Error::DeviceUnavailable(format!("`{name}` cannot be opened: {e}")))
+    Device::new_cuda(ordinal).map_err(|e| {
+        Error::DeviceUnavailable(format!(
+            "`{name}` cannot be opened ({e}); available: {}",
+            available().join(", ")
+        ))
+    })
 }
 
 /// The devices this build can open on this machine.

@@ -641,3 +641,146 @@ fn repo_id_resolves_offline_from_hub_cache() {
         );
     }
 }
+
+fn offload_run(tmp: &Path, tag: &str, extra: &[&str]) -> (Vec<u8>, serde_json::Value) {
+    let t = tmp.join(format!("{tag}.safetensors"));
+    let r = tmp.join(format!("{tag}.json"));
+    let mut args = vec![
+        "generate",
+        "--model",
+        s(&model("tiny-sd2")).to_string().leak(),
+        "--prompt",
+        PROMPT,
+        "--steps",
+        "3",
+        "--scheduler",
+        "euler-a",
+        "--seed",
+        "9",
+        "--width",
+        "32",
+        "--height",
+        "24",
+        "--out",
+        s(&tmp.join(format!("{tag}.png"))).to_string().leak(),
+        "--save-tensors",
+        s(&t).to_string().leak(),
+        "--report",
+        s(&r).to_string().leak(),
+    ];
+    args.extend_from_slice(extra);
+    ok(&args);
+    let report = serde_json::from_str(&std::fs::read_to_string(&r).unwrap()).unwrap();
+    (std::fs::read(&t).unwrap(), report)
+}
+
+#[test]
+fn offload_through_cli_is_bit_identical_and_reported() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (base, rep) = offload_run(tmp.path(), "none", &["--offload", "none"]);
+    let none_peak = rep["peak_resident_bytes"].as_u64().unwrap();
+    assert!(none_peak > 0);
+    let cases: [(&str, &[&str]); 6] = [
+        ("model", &["--offload", "model"]),
+        ("sequential", &["--offload", "sequential"]),
+        ("group", &["--offload", "group"]),
+        ("group3", &["--offload", "group", "--blocks-per-group", "3"]),
+        ("group-noprefetch", &["--offload", "group", "--no-prefetch"]),
+        (
+            "model-keep",
+            &["--offload", "model", "--keep-on-device", "vae"],
+        ),
+    ];
+    for (tag, extra) in cases {
+        let (out, rep) = offload_run(tmp.path(), tag, extra);
+        assert!(out == base, "{tag}: tensors differ from --offload none");
+        let peak = rep["peak_resident_bytes"].as_u64().unwrap();
+        assert!(
+            peak > 0 && peak < none_peak,
+            "{tag}: peak {peak} vs none {none_peak}"
+        );
+        for key in [
+            "bytes_transferred",
+            "transfer_seconds",
+            "compute_seconds",
+            "wall_seconds",
+        ] {
+            assert!(rep[key].is_number(), "{tag}: report lacks {key}: {rep}");
+        }
+        assert!(rep["components"]["unet"]["peak_resident_bytes"].is_number());
+        assert_eq!(rep["device"], "Cpu");
+    }
+    let (out, rep) = offload_run(
+        tmp.path(),
+        "map",
+        &["--device-map", "text_encoder=cpu,unet=cpu,vae=cpu"],
+    );
+    assert!(out == base, "device map: tensors differ");
+    assert_eq!(rep["device_map"]["unet"], "cpu");
+    let (out, _) = offload_run(
+        tmp.path(),
+        "balanced",
+        &["--device-map", "balanced", "--max-memory", "cpu=4GiB"],
+    );
+    assert!(out == base, "balanced device map: tensors differ");
+}
+
+#[test]
+fn bad_offload_arguments() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = model("tiny-sd15");
+    run_quick(
+        &m,
+        tmp.path(),
+        &["--offload", "everything"],
+        &["everything", "sequential"],
+    );
+    run_quick(
+        &m,
+        tmp.path(),
+        &["--offload", "model", "--keep-on-device", "refiner"],
+        &["refiner", "unet"],
+    );
+    run_quick(
+        &m,
+        tmp.path(),
+        &["--offload", "group", "--blocks-per-group", "0"],
+        &["--blocks-per-group"],
+    );
+    run_quick(
+        &m,
+        tmp.path(),
+        &["--device-map", "balanced", "--max-memory", "cuda:0:6GiB"],
+        &["cuda:0:6GiB"],
+    );
+    run_quick(
+        &m,
+        tmp.path(),
+        &["--device-map", "balanced", "--max-memory", "cpu=lots"],
+        &["lots"],
+    );
+    run_quick(
+        &m,
+        tmp.path(),
+        &["--device-map", "balanced"],
+        &["--max-memory"],
+    );
+    run_quick(
+        &m,
+        tmp.path(),
+        &["--device-map", "balanced", "--max-memory", "cpu=1MiB"],
+        &["cannot fit"],
+    );
+    run_quick(
+        &m,
+        tmp.path(),
+        &["--device-map", "unet=cpu", "--offload", "model"],
+        &["exclude", "reset"],
+    );
+    run_quick(
+        &m,
+        tmp.path(),
+        &["--device-map", "unet=cuda:1"],
+        &["cuda:1", "available: cpu"],
+    );
+}
