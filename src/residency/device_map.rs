@@ -98,7 +98,7 @@ pub fn plan_balanced(sizes: &[(String, u64)], max_memory: &[(String, u64)]) -> R
         .filter(|(d, _)| d != "cpu")
         .cloned()
         .collect();
-    accel.sort_by(|a, b| b.1.cmp(&a.1));
+    accel.sort_by_key(|a| std::cmp::Reverse(a.1));
     let mut cpu_left = max_memory.iter().find(|(d, _)| d == "cpu").map(|(_, b)| *b);
     let ids: Vec<String> = accel.iter().map(|(d, _)| d.clone()).collect();
     let cycle: Vec<String> = ids.iter().chain(ids.iter().rev()).cloned().collect();
