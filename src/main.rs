@@ -33,7 +33,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Generate images from a prompt (txt2img), or from an init image (img2img).
-    Generate(GenerateArgs),
+    Generate(Box<GenerateArgs>),
     /// Run the pipeline's VAE alone.
     Vae {
         #[command(subcommand)]
@@ -218,7 +218,7 @@ impl MemoryArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Generate(args) => generate(args),
+        Command::Generate(args) => generate(*args),
         Command::Vae { command } => vae(command),
     };
     match result {
