@@ -6,6 +6,7 @@ use serde::Deserialize;
 use crate::error::{Error, Result};
 use crate::layers::{attention, Conv2d, GroupNorm, Linear};
 use crate::models::blocks::{Downsample2D, ResnetBlock2D, Upsample2D};
+use crate::models::vae_tiling::VaeMemory;
 use crate::residency::{ModuleScope, ParamPath, UnitScope, WeightProvider};
 
 const FILE: &str = "vae/config.json";
@@ -234,6 +235,7 @@ pub struct AutoencoderKL {
 }
 
 /// The latent distribution returned by [`AutoencoderKL::encode`].
+#[derive(Debug, Clone)]
 pub struct LatentDist {
     pub mean: Tensor,
     pub logvar: Tensor,
@@ -328,15 +330,11 @@ impl AutoencoderKL {
 
     /// Encodes images (B, in_channels, H, W) in [-1, 1].
     pub fn encode(&self, x: &Tensor) -> Result<LatentDist> {
-        let (_, c, h, w) = x.dims4()?;
-        let f = self.cfg.scale_factor();
-        if c != self.cfg.in_channels || h % f != 0 || w % f != 0 {
-            return Err(Error::InvalidArgument(format!(
-                "the VAE encodes images of shape (B, {}, H, W) with H and W multiples of {f}; got {:?}",
-                self.cfg.in_channels,
-                x.dims()
-            )));
-        }
+        self.encode_with(x, &VaeMemory::default())
+    }
+
+    /// Encoder + quant_conv: the moments (B, 2·latent_channels, h, w) of one batch or tile.
+    pub(crate) fn encode_raw(&self, x: &Tensor) -> Result<Tensor> {
         let src = self.src.as_ref();
         let e = &self.encoder;
         let scope = ModuleScope::enter(src, "encoder.conv_in")?;
@@ -357,21 +355,23 @@ impl AutoencoderKL {
             h = q.forward(&h)?;
         }
         scope.exit()?;
+        Ok(h)
+    }
+
+    pub(crate) fn dist_of(&self, moments: &Tensor) -> Result<LatentDist> {
         let lat = self.cfg.latent_channels;
-        let mean = h.narrow(1, 0, lat)?;
-        let logvar = h.narrow(1, lat, lat)?.clamp(-30f32, 20f32)?;
+        let mean = moments.narrow(1, 0, lat)?;
+        let logvar = moments.narrow(1, lat, lat)?.clamp(-30f32, 20f32)?;
         Ok(LatentDist { mean, logvar })
     }
 
     /// Decodes latents (B, latent_channels, h, w), unscaled, to images in about [-1, 1].
     pub fn decode(&self, z: &Tensor) -> Result<Tensor> {
-        let (_, c, _, _) = z.dims4()?;
-        if c != self.cfg.latent_channels {
-            return Err(Error::InvalidArgument(format!(
-                "latents have {c} channels but the VAE expects {}",
-                self.cfg.latent_channels
-            )));
-        }
+        self.decode_with(z, &VaeMemory::default())
+    }
+
+    /// post_quant_conv + decoder on one batch or tile.
+    pub(crate) fn decode_raw(&self, z: &Tensor) -> Result<Tensor> {
         let src = self.src.as_ref();
         let scope = ModuleScope::enter(src, "decoder.in")?;
         let mut h = match &self.post_quant_conv {

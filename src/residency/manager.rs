@@ -226,9 +226,12 @@ impl ManagedWeights {
         Ok(t)
     }
 
-    /// Model offload: loads the whole component now.
+    /// Before the component runs. `Model` loads the whole component now; so does `None` (its
+    /// weights are resident from their first use on, as `pipe.to(device)`; loading them in one
+    /// go, before any activation is allocated, also keeps the allocator from recycling
+    /// activation memory for weights, which measured slower).
     pub fn activate(&self) -> Result<()> {
-        if self.strategy() != Strategy::Model {
+        if !matches!(self.strategy(), Strategy::Model | Strategy::None) {
             return Ok(());
         }
         let specs = lock(&self.declared).clone();

@@ -37,6 +37,21 @@ struct ShardIndex {
     weight_map: BTreeMap<String, String>,
 }
 
+/// A zeroed `Vec<T>` of `n` elements filled by `read` from little-endian bytes.
+fn read_typed<T: Copy + Default>(
+    n: usize,
+    read: &dyn Fn(&mut [u8]) -> Result<()>,
+) -> Result<Vec<T>> {
+    let mut v = vec![T::default(); n];
+    // SAFETY: T is a plain floating-point type (f32, f16, bf16): every bit pattern is valid and
+    // the byte view covers exactly the vector's initialised elements.
+    let bytes = unsafe {
+        std::slice::from_raw_parts_mut(v.as_mut_ptr() as *mut u8, n * std::mem::size_of::<T>())
+    };
+    read(bytes)?;
+    Ok(v)
+}
+
 /// Whether `dir` holds a `{stem}` checkpoint of this variant (single file or sharded index).
 pub fn has_checkpoint(dir: &Path, stem: &str, variant: Option<&str>) -> bool {
     let (single, index) = match variant {
@@ -241,21 +256,45 @@ impl WeightStore {
     ) -> Result<Tensor> {
         let t = self.check(name, shape)?;
         let (path, file, _) = &self.files[t.file];
-        let mut buf = vec![0u8; t.nbytes() as usize];
-        file.read_exact_at(&mut buf, t.start).map_err(|e| {
-            if e.kind() == std::io::ErrorKind::UnexpectedEof {
-                Error::CorruptSafetensors {
-                    path: path.clone(),
-                    reason: format!(
-                        "tensor `{name}` ends past the end of the file (truncated after it was opened?)"
-                    ),
+        let read = |buf: &mut [u8]| {
+            file.read_exact_at(buf, t.start).map_err(|e| {
+                if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                    Error::CorruptSafetensors {
+                        path: path.clone(),
+                        reason: format!(
+                            "tensor `{name}` ends past the end of the file (truncated after it was opened?)"
+                        ),
+                    }
+                } else {
+                    Error::io(path, e)
                 }
-            } else {
-                Error::io(path, e)
+            })
+        };
+        let n: usize = t.shape.iter().product();
+        // Read straight into the tensor's own buffer (zeroed allocations of this size come from
+        // fresh pages, so there is no extra copy or memset).
+        let tensor = match t.dtype {
+            DType::F32 => Tensor::from_vec(
+                read_typed::<f32>(n, &read)?,
+                t.shape.as_slice(),
+                &Device::Cpu,
+            )?,
+            DType::F16 => Tensor::from_vec(
+                read_typed::<half::f16>(n, &read)?,
+                t.shape.as_slice(),
+                &Device::Cpu,
+            )?,
+            DType::BF16 => Tensor::from_vec(
+                read_typed::<half::bf16>(n, &read)?,
+                t.shape.as_slice(),
+                &Device::Cpu,
+            )?,
+            _ => {
+                let mut buf = vec![0u8; t.nbytes() as usize];
+                read(&mut buf)?;
+                Tensor::from_raw_buffer(&buf, t.dtype, &t.shape, &Device::Cpu)?
             }
-        })?;
-        let tensor = Tensor::from_raw_buffer(&buf, t.dtype, &t.shape, &Device::Cpu)?;
-        drop(buf);
+        };
         let tensor = if t.dtype == dtype {
             tensor
         } else {

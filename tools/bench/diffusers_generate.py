@@ -19,8 +19,23 @@ def main():
     ap.add_argument("--height", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="diffusers.png")
+    ap.add_argument("--scheduler", default=None, help="euler for EulerDiscreteScheduler")
+    ap.add_argument("--offload", default="none", choices=["none", "model", "sequential", "group"])
     a = ap.parse_args()
     pipe = StableDiffusionPipeline.from_pretrained(a.model, torch_dtype=torch.float32, safety_checker=None)
+    if a.scheduler == "euler":
+        from diffusers import EulerDiscreteScheduler
+
+        pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    # diffusers offloads only towards an accelerator; on a CPU-only machine these calls refuse or
+    # do nothing useful, which is what the benchmark records.
+    if a.offload == "model":
+        pipe.enable_model_cpu_offload(device="cpu")
+    elif a.offload == "sequential":
+        pipe.enable_sequential_cpu_offload(device="cpu")
+    elif a.offload == "group":
+        pipe.unet.enable_group_offload(onload_device=torch.device("cpu"), offload_type="block_level",
+                                       num_blocks_per_group=1)
     g = torch.Generator("cpu").manual_seed(a.seed)
     with torch.no_grad():
         img = pipe(a.prompt, num_inference_steps=a.steps, width=a.width, height=a.height, generator=g).images[0]

@@ -1,0 +1,222 @@
+//! VAE memory strategies, exactly as diffusers 0.42.1's `AutoencoderKL`: tiled decode/encode
+//! (overlapping tiles, linear blends over the previous row and column, cropped to the row limit)
+//! and slicing (one batch item at a time).
+//!
+//! diffusers decodes every tile before blending, so its memory still grows with the image. Here a
+//! row of tiles is blended against the previous row as soon as it is decoded and the older row is
+//! dropped, which gives the same numbers (blends read the already-blended neighbours, as
+//! diffusers' in-place blends do) with two rows of tiles alive at most.
+
+use candle_core::{DType, Tensor};
+
+use super::autoencoder_kl::{AutoencoderKL, LatentDist};
+use crate::error::{Error, Result};
+
+/// Tile geometry: sizes in sample pixels and in latent cells, and the overlap factor.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Tiling {
+    pub tile_sample: usize,
+    pub tile_latent: usize,
+    pub overlap: f64,
+}
+
+/// How the VAE may trade speed for memory.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct VaeMemory {
+    pub tiling: Option<Tiling>,
+    pub slicing: bool,
+}
+
+impl AutoencoderKL {
+    /// diffusers' tile geometry (`tile_sample_min_size = sample_size`, overlap 0.25), or a custom
+    /// tile size in pixels (a multiple of the VAE factor) and overlap in [0, 1).
+    pub fn tiling(&self, tile_px: Option<usize>, overlap: Option<f64>) -> Result<Tiling> {
+        let f = self.config().scale_factor();
+        let overlap = overlap.unwrap_or(0.25);
+        if !(0.0..1.0).contains(&overlap) {
+            return Err(Error::InvalidArgument(format!(
+                "--tile-overlap must be in [0, 1); got {overlap}"
+            )));
+        }
+        let (tile_sample, tile_latent) = match tile_px {
+            None => {
+                let s = self.config().sample_size;
+                (s, s / f)
+            }
+            Some(px) => {
+                if px < f || px % f != 0 {
+                    return Err(Error::InvalidArgument(format!(
+                        "--tile-size must be a positive multiple of the VAE's scale factor {f}; got {px}"
+                    )));
+                }
+                (px, px / f)
+            }
+        };
+        // int() truncation, as diffusers; a zero step would never advance.
+        if ((tile_latent as f64) * (1.0 - overlap)) as usize == 0
+            || ((tile_sample as f64) * (1.0 - overlap)) as usize == 0
+        {
+            return Err(Error::InvalidArgument(format!(
+                "a {tile_sample}px tile with overlap {overlap} leaves no step between tiles; use a larger tile or a smaller overlap"
+            )));
+        }
+        Ok(Tiling {
+            tile_sample,
+            tile_latent,
+            overlap,
+        })
+    }
+
+    /// Decodes latents (B, C, h, w), unscaled, with the given memory strategy.
+    pub fn decode_with(&self, z: &Tensor, mem: &VaeMemory) -> Result<Tensor> {
+        let (b, c, _, _) = z.dims4()?;
+        if c != self.config().latent_channels {
+            return Err(Error::InvalidArgument(format!(
+                "latents have {c} channels but the VAE expects {}",
+                self.config().latent_channels
+            )));
+        }
+        if mem.slicing && b > 1 {
+            let parts = (0..b)
+                .map(|i| self.decode_one(&z.narrow(0, i, 1)?, mem.tiling))
+                .collect::<Result<Vec<_>>>()?;
+            return Ok(Tensor::cat(&parts, 0)?);
+        }
+        self.decode_one(z, mem.tiling)
+    }
+
+    fn decode_one(&self, z: &Tensor, tiling: Option<Tiling>) -> Result<Tensor> {
+        let (_, _, h, w) = z.dims4()?;
+        match tiling {
+            Some(t) if h > t.tile_latent || w > t.tile_latent => {
+                let step = ((t.tile_latent as f64) * (1.0 - t.overlap)) as usize;
+                let blend = ((t.tile_sample as f64) * t.overlap) as usize;
+                tiled(z, t.tile_latent, step, blend, t.tile_sample - blend, |x| {
+                    self.decode_raw(x)
+                })
+            }
+            _ => self.decode_raw(z),
+        }
+    }
+
+    /// Encodes images (B, C, H, W) in [-1, 1] with the given memory strategy.
+    pub fn encode_with(&self, x: &Tensor, mem: &VaeMemory) -> Result<LatentDist> {
+        let (b, c, h, w) = x.dims4()?;
+        let f = self.config().scale_factor();
+        if c != self.config().in_channels || h % f != 0 || w % f != 0 {
+            return Err(Error::InvalidArgument(format!(
+                "the VAE encodes images of shape (B, {}, H, W) with H and W multiples of {f}; got {:?}",
+                self.config().in_channels,
+                x.dims()
+            )));
+        }
+        let moments = if mem.slicing && b > 1 {
+            let parts = (0..b)
+                .map(|i| self.encode_one(&x.narrow(0, i, 1)?, mem.tiling))
+                .collect::<Result<Vec<_>>>()?;
+            Tensor::cat(&parts, 0)?
+        } else {
+            self.encode_one(x, mem.tiling)?
+        };
+        self.dist_of(&moments)
+    }
+
+    fn encode_one(&self, x: &Tensor, tiling: Option<Tiling>) -> Result<Tensor> {
+        let (_, _, h, w) = x.dims4()?;
+        match tiling {
+            Some(t) if h > t.tile_sample || w > t.tile_sample => {
+                let step = ((t.tile_sample as f64) * (1.0 - t.overlap)) as usize;
+                let blend = ((t.tile_latent as f64) * t.overlap) as usize;
+                tiled(x, t.tile_sample, step, blend, t.tile_latent - blend, |x| {
+                    self.encode_raw(x)
+                })
+            }
+            _ => self.encode_raw(x),
+        }
+    }
+}
+
+/// Runs `f` over overlapping `tile`-sized windows stepping by `step`, blends each output tile
+/// with the (already blended) tile above and to the left over `blend` rows/columns, crops to
+/// `limit` and stitches the result.
+fn tiled(
+    x: &Tensor,
+    tile: usize,
+    step: usize,
+    blend: usize,
+    limit: usize,
+    f: impl Fn(&Tensor) -> Result<Tensor>,
+) -> Result<Tensor> {
+    let (_, _, h, w) = x.dims4()?;
+    let mut prev: Option<Vec<Tensor>> = None;
+    let mut rows = Vec::new();
+    for i in (0..h).step_by(step) {
+        let mut row: Vec<Tensor> = Vec::new();
+        for (jj, j) in (0..w).step_by(step).enumerate() {
+            let t = x
+                .narrow(2, i, tile.min(h - i))?
+                .narrow(3, j, tile.min(w - j))?;
+            let mut t = f(&t)?;
+            if let Some(p) = &prev {
+                t = blend_v(&p[jj], &t, blend)?;
+            }
+            if jj > 0 {
+                t = blend_h(&row[jj - 1], &t, blend)?;
+            }
+            row.push(t);
+        }
+        let cropped = row
+            .iter()
+            .map(|t| {
+                let (_, _, th, tw) = t.dims4()?;
+                Ok(t.narrow(2, 0, limit.min(th))?.narrow(3, 0, limit.min(tw))?)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        rows.push(Tensor::cat(&cropped, 3)?);
+        prev = Some(row);
+    }
+    Ok(Tensor::cat(&rows, 2)?)
+}
+
+/// Weights `(1 - k/e, k/e)` for k in 0..e, rounded to the tensor dtype from f64 as torch rounds
+/// a Python float scalar.
+fn ramps(e: usize, dim: usize, dtype: DType, x: &Tensor) -> Result<(Tensor, Tensor)> {
+    let a: Vec<f32> = (0..e).map(|k| (1.0 - k as f64 / e as f64) as f32).collect();
+    let b: Vec<f32> = (0..e).map(|k| (k as f64 / e as f64) as f32).collect();
+    let shape: Vec<usize> = (0..4).map(|d| if d == dim { e } else { 1 }).collect();
+    let mk = |v: Vec<f32>| -> Result<Tensor> {
+        Ok(Tensor::from_vec(v, shape.as_slice(), x.device())?.to_dtype(dtype)?)
+    };
+    Ok((mk(a)?, mk(b)?))
+}
+
+fn blend(a: &Tensor, b: &Tensor, extent: usize, dim: usize) -> Result<Tensor> {
+    let e = extent.min(a.dim(dim)?).min(b.dim(dim)?);
+    if e == 0 {
+        return Ok(b.clone());
+    }
+    let (wa, wb) = ramps(e, dim, b.dtype(), b)?;
+    let tail = a.narrow(dim, a.dim(dim)? - e, e)?;
+    let head = b.narrow(dim, 0, e)?;
+    // Blend only where both tiles have data (a last column/row tile can be narrower).
+    let other = if dim == 2 { 3 } else { 2 };
+    let n = a.dim(other)?.min(b.dim(other)?);
+    let mixed = (tail.narrow(other, 0, n)?.broadcast_mul(&wa)?
+        + head.narrow(other, 0, n)?.broadcast_mul(&wb)?)?;
+    let mixed = if n < b.dim(other)? {
+        let rest = head.narrow(other, n, b.dim(other)? - n)?;
+        Tensor::cat(&[&mixed, &rest], other)?
+    } else {
+        mixed
+    };
+    let rest = b.narrow(dim, e, b.dim(dim)? - e)?;
+    Ok(Tensor::cat(&[&mixed, &rest], dim)?)
+}
+
+fn blend_v(a: &Tensor, b: &Tensor, extent: usize) -> Result<Tensor> {
+    blend(a, b, extent, 2)
+}
+
+fn blend_h(a: &Tensor, b: &Tensor, extent: usize) -> Result<Tensor> {
+    blend(a, b, extent, 3)
+}
