@@ -9,11 +9,12 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use lowtide::device::{parse_device, parse_dtype};
 use lowtide::io::{read_image, read_image_arg, read_single_tensor, save_images, save_tensors};
+use lowtide::models::{VaeMemory, VaeOptions};
 use lowtide::pipelines::{
     load_vae, resolve_model, DeviceMapSpec, GenerateRequest, LoadOptions, OffloadPlan,
     StableDiffusion,
 };
-use lowtide::residency::device_map::parse_max_memory;
+use lowtide::residency::device_map::{parse_bytes, parse_max_memory};
 use lowtide::residency::{DeviceMap, Strategy};
 
 const MIB: f64 = 1024.0 * 1024.0;
@@ -37,7 +38,7 @@ enum Command {
     /// Run the pipeline's VAE alone.
     Vae {
         #[command(subcommand)]
-        command: VaeCommand,
+        command: Box<VaeCommand>,
     },
 }
 
@@ -56,6 +57,8 @@ enum VaeCommand {
         /// Also write PNG images (out.png, or out-0.png, out-1.png… for a batch).
         #[arg(long)]
         out: Option<PathBuf>,
+        #[command(flatten)]
+        vae: VaeArgs,
     },
     /// Encode an image into the latent distribution.
     Encode {
@@ -67,6 +70,8 @@ enum VaeCommand {
         /// Writes `mean` and `logvar`.
         #[arg(long)]
         save_tensors: PathBuf,
+        #[command(flatten)]
+        vae: VaeArgs,
     },
 }
 
@@ -143,6 +148,45 @@ struct GenerateArgs {
     save_tensors: Option<PathBuf>,
     #[command(flatten)]
     memory: MemoryArgs,
+    #[command(flatten)]
+    vae: VaeArgs,
+}
+
+#[derive(Args)]
+struct VaeArgs {
+    /// Decode/encode in overlapping tiles (diffusers' enable_tiling).
+    #[arg(long)]
+    tiling: bool,
+    /// Tile size in image pixels (a multiple of the VAE factor); implies --tiling.
+    #[arg(long, value_name = "PX")]
+    tile_size: Option<usize>,
+    /// Tile overlap factor in [0, 1) (default 0.25); implies --tiling.
+    #[arg(long, value_name = "F", allow_negative_numbers = true)]
+    tile_overlap: Option<f64>,
+    /// One batch item at a time (diffusers' enable_slicing).
+    #[arg(long)]
+    slicing: bool,
+    /// Turn tiling on, with the largest tile that fits, when the untiled decode would exceed this
+    /// (e.g. 2GiB). Without it nothing changes behind your back.
+    #[arg(long, value_name = "BYTES")]
+    memory_budget: Option<String>,
+}
+
+impl VaeArgs {
+    fn options(&self) -> Result<VaeOptions> {
+        Ok(VaeOptions {
+            tiling: self.tiling,
+            tile_size: self.tile_size,
+            tile_overlap: self.tile_overlap,
+            slicing: self.slicing,
+            memory_budget: self
+                .memory_budget
+                .as_deref()
+                .map(parse_bytes)
+                .transpose()
+                .context("--memory-budget")?,
+        })
+    }
 }
 
 #[derive(Args)]
@@ -219,7 +263,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Generate(args) => generate(*args),
-        Command::Vae { command } => vae(command),
+        Command::Vae { command } => vae(*command),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -291,6 +335,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
         latents,
         init_image,
         strength: args.strength.unwrap_or(1.0),
+        vae: args.vae.options()?,
     };
     let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
     bar.set_style(
@@ -304,6 +349,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
         bar.set_position(i as u64);
     })?;
     bar.finish_and_clear();
+    report_vae_plan(&args.vae, &out.vae_memory);
     let usage = pipe.accounting.report();
     eprintln!(
         "offload {}: peak resident {:.1} MiB, {:.1} MiB moved, {:.2} s moving / {:.2} s waiting, {:.2} s wall",
@@ -359,12 +405,16 @@ fn vae(command: VaeCommand) -> Result<()> {
             latents,
             save_tensors: dst,
             out,
+            vae: vae_args,
         } => {
             let (root, opts) = model.open()?;
             let z = read_single_tensor(&latents, &opts.device).context("cannot use --latents")?;
             let (vae, _) = load_vae(&root, &opts)
                 .with_context(|| format!("cannot load the VAE of {}", root.display()))?;
-            let sample = vae.decode(&z.to_dtype(opts.dtype)?)?;
+            let (b, _, h, w) = z.dims4()?;
+            let mem = vae_args.options()?.plan(&vae, b, h, w)?;
+            report_vae_plan(&vae_args, &mem);
+            let sample = vae.decode_with(&z.to_dtype(opts.dtype)?, &mem)?;
             save_tensors(&dst, &[("sample", &sample)])?;
             eprintln!("wrote {}", dst.display());
             if let Some(out) = out {
@@ -379,15 +429,31 @@ fn vae(command: VaeCommand) -> Result<()> {
             model,
             image,
             save_tensors: dst,
+            vae: vae_args,
         } => {
             let (root, opts) = model.open()?;
             let x = read_image_arg(&image, &opts.device).context("cannot use --image")?;
             let (vae, _) = load_vae(&root, &opts)
                 .with_context(|| format!("cannot load the VAE of {}", root.display()))?;
-            let dist = vae.encode(&x.to_dtype(opts.dtype)?)?;
+            let (b, _, h, w) = x.dims4()?;
+            let f = vae.config().scale_factor();
+            let mem = vae_args.options()?.plan(&vae, b, h / f, w / f)?;
+            report_vae_plan(&vae_args, &mem);
+            let dist = vae.encode_with(&x.to_dtype(opts.dtype)?, &mem)?;
             save_tensors(&dst, &[("mean", &dist.mean), ("logvar", &dist.logvar)])?;
             eprintln!("wrote {}", dst.display());
             Ok(())
         }
+    }
+}
+
+/// Says so when the memory budget turned tiling on.
+fn report_vae_plan(args: &VaeArgs, mem: &VaeMemory) {
+    let asked = args.tiling || args.tile_size.is_some() || args.tile_overlap.is_some();
+    if let (false, Some(t)) = (asked, mem.tiling) {
+        eprintln!(
+            "VAE: tiling turned on to fit --memory-budget (tiles of {} px, overlap {})",
+            t.tile_sample, t.overlap
+        );
     }
 }

@@ -784,3 +784,210 @@ fn bad_offload_arguments() {
         &["cuda:1", "available: cpu"],
     );
 }
+
+#[test]
+fn vae_tiling_flags_through_cli_match_diffusers() {
+    let tmp = tempfile::tempdir().unwrap();
+    for name in PIPELINES {
+        let r = load_refs(refs(name).join("vae_tiling.safetensors"));
+        let cfg: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(refs(name).join("vae_tiling.json")).unwrap(),
+        )
+        .unwrap();
+        let z = tmp.path().join("z.safetensors");
+        candle_core::safetensors::save(&HashMap::from([("z".to_string(), r["z"].clone())]), &z)
+            .unwrap();
+        let img = tmp.path().join("img.safetensors");
+        candle_core::safetensors::save(
+            &HashMap::from([("image".to_string(), r["image"].clone())]),
+            &img,
+        )
+        .unwrap();
+        let custom = cfg["custom_tile"].to_string();
+        let custom_ov = cfg["custom_overlap"].to_string();
+        let cases: [(&str, Vec<&str>); 4] = [
+            ("default", vec!["--tiling"]),
+            (
+                "custom",
+                vec![
+                    "--tiling",
+                    "--tile-size",
+                    &custom,
+                    "--tile-overlap",
+                    &custom_ov,
+                ],
+            ),
+            ("sliced_tiled", vec!["--tiling", "--slicing"]),
+            ("sliced", vec!["--slicing"]),
+        ];
+        for (tag, flags) in cases {
+            let dec = tmp.path().join(format!("dec-{tag}.safetensors"));
+            let mut args = vec![
+                "vae",
+                "decode",
+                "--model",
+                s(&model(name)).to_string().leak(),
+                "--latents",
+                s(&z),
+                "--save-tensors",
+                s(&dec),
+            ];
+            args.extend(flags.iter().copied());
+            ok(&args);
+            assert_close(
+                &format!("{name} cli decode {tag}"),
+                &load_refs(dec)["sample"],
+                &r[&format!("decode_{tag}")],
+                1e-5,
+            );
+            let enc = tmp.path().join(format!("enc-{tag}.safetensors"));
+            let mut args = vec![
+                "vae",
+                "encode",
+                "--model",
+                s(&model(name)).to_string().leak(),
+                "--image",
+                s(&img),
+                "--save-tensors",
+                s(&enc),
+            ];
+            args.extend(flags.iter().copied());
+            ok(&args);
+            let got = load_refs(enc);
+            assert_close(
+                &format!("{name} cli encode {tag}"),
+                &got["mean"],
+                &r[&format!("encode_{tag}_mean")],
+                1e-5,
+            );
+        }
+    }
+}
+
+#[test]
+fn memory_budget_turns_tiling_on_only_when_needed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let name = "tiny-sd15";
+    let r = load_refs(refs(name).join("vae_tiling.safetensors"));
+    let z = tmp.path().join("z.safetensors");
+    candle_core::safetensors::save(&HashMap::from([("z".to_string(), r["z"].clone())]), &z)
+        .unwrap();
+    let m = s(&model(name)).to_string();
+    let run = |tag: &str, extra: &[&str]| -> (Tensor, String) {
+        let dec = tmp.path().join(format!("{tag}.safetensors"));
+        let mut args = vec![
+            "vae",
+            "decode",
+            "--model",
+            m.as_str(),
+            "--latents",
+            s(&z),
+            "--save-tensors",
+            s(&dec),
+        ];
+        args.extend_from_slice(extra);
+        let out = ok(&args);
+        (
+            load_refs(dec)["sample"].clone(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (untiled, _) = run("plain", &[]);
+    // A generous budget changes nothing.
+    let (big, err) = run("big", &["--memory-budget", "8GiB"]);
+    assert_eq!(rel_err(&big, &untiled), 0.0);
+    assert!(!err.contains("tiling turned on"), "{err}");
+    // A budget between a one-tile decode and the untiled decode tiles, and says so.
+    let (vae, _) =
+        lowtide::pipelines::load_vae(&model(name), &lowtide::pipelines::LoadOptions::default())
+            .unwrap();
+    let (b, _, h, w) = r["z"].dims4().unwrap();
+    let (lo, hi) = (
+        vae.decode_peak_estimate(b, 8, 8),
+        vae.decode_peak_estimate(b, h, w),
+    );
+    assert!(lo < hi);
+    let budget = ((lo + hi) / 2).to_string();
+    let (small, err) = run("small", &["--memory-budget", &budget]);
+    assert!(err.contains("tiling turned on"), "{err}");
+    assert!(rel_err(&small, &untiled) > 1e-4);
+    fails(
+        &[
+            "vae",
+            "decode",
+            "--model",
+            &m,
+            "--latents",
+            s(&z),
+            "--save-tensors",
+            s(&tmp.path().join("x.safetensors")),
+            "--memory-budget",
+            "1000",
+        ],
+        &["too small", "budget"],
+    );
+}
+
+#[test]
+fn bad_vae_arguments() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = model("tiny-sd15");
+    run_quick(
+        &m,
+        tmp.path(),
+        &["--tiling", "--tile-size", "12"],
+        &["--tile-size", "multiple of"],
+    );
+    run_quick(&m, tmp.path(), &["--tile-size", "4"], &["--tile-size"]);
+    run_quick(
+        &m,
+        tmp.path(),
+        &["--tile-overlap", "1.0"],
+        &["--tile-overlap"],
+    );
+    run_quick(
+        &m,
+        tmp.path(),
+        &["--tile-overlap", "-0.5"],
+        &["--tile-overlap"],
+    );
+    run_quick(
+        &m,
+        tmp.path(),
+        &["--memory-budget", "lots"],
+        &["--memory-budget"],
+    );
+    // Latents whose channel count does not match the VAE; an image tensor of the wrong shape.
+    let z = tmp.path().join("z3.safetensors");
+    let t = Tensor::zeros((1, 3, 4, 4), DType::F32, &Device::Cpu).unwrap();
+    candle_core::safetensors::save(&HashMap::from([("z".to_string(), t.clone())]), &z).unwrap();
+    fails(
+        &[
+            "vae",
+            "decode",
+            "--model",
+            s(&m),
+            "--latents",
+            s(&z),
+            "--save-tensors",
+            s(&tmp.path().join("o.safetensors")),
+        ],
+        &["channels"],
+    );
+    let img = tmp.path().join("img.safetensors");
+    let t = Tensor::zeros((1, 3, 20, 20), DType::F32, &Device::Cpu).unwrap();
+    candle_core::safetensors::save(&HashMap::from([("i".to_string(), t)]), &img).unwrap();
+    fails(
+        &[
+            "vae",
+            "encode",
+            "--model",
+            s(&m),
+            "--image",
+            s(&img),
+            "--save-tensors",
+            s(&tmp.path().join("o.safetensors")),
+        ],
+        &["multiples of 8"],
+    );
+}

@@ -1,12 +1,12 @@
 //! Model families, one file each; configs are deserialized from the component's config.json.
 
 pub mod autoencoder_kl;
-pub mod vae_tiling;
 pub mod blocks;
 pub mod clip;
 pub mod unet_2d_condition;
+pub mod vae_tiling;
 
 pub use autoencoder_kl::{AutoencoderKL, AutoencoderKLConfig, LatentDist};
-pub use vae_tiling::{Tiling, VaeMemory};
 pub use clip::{ClipTextConfig, ClipTextModel};
 pub use unet_2d_condition::{UNet2DConditionConfig, UNet2DConditionModel};
+pub use vae_tiling::{Tiling, VaeMemory, VaeOptions};

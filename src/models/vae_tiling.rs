@@ -220,3 +220,87 @@ fn blend_v(a: &Tensor, b: &Tensor, extent: usize) -> Result<Tensor> {
 fn blend_h(a: &Tensor, b: &Tensor, extent: usize) -> Result<Tensor> {
     blend(a, b, extent, 3)
 }
+
+/// What the user asked for; resolved against the VAE and the latent size by [`VaeOptions::plan`].
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct VaeOptions {
+    pub tiling: bool,
+    pub tile_size: Option<usize>,
+    pub tile_overlap: Option<f64>,
+    pub slicing: bool,
+    /// With a budget (bytes), tiling turns on by itself when the untiled decode would not fit.
+    pub memory_budget: Option<u64>,
+}
+
+impl VaeOptions {
+    /// The memory strategy for decoding `(batch, h, w)` latents.
+    pub fn plan(&self, vae: &AutoencoderKL, batch: usize, h: usize, w: usize) -> Result<VaeMemory> {
+        let explicit = self.tiling || self.tile_size.is_some() || self.tile_overlap.is_some();
+        let tiling = if explicit {
+            Some(vae.tiling(self.tile_size, self.tile_overlap)?)
+        } else {
+            None
+        };
+        let mut mem = VaeMemory {
+            tiling,
+            slicing: self.slicing,
+        };
+        let Some(budget) = self.memory_budget else {
+            return Ok(mem);
+        };
+        let per = if self.slicing { 1 } else { batch };
+        if mem.tiling.is_none() && vae.decode_peak_estimate(per, h, w) > budget {
+            // The largest square tile (a multiple of 8 latent cells) whose decode fits.
+            let f = vae.config().scale_factor();
+            let mut lat = h.max(w).div_ceil(8) * 8;
+            let overlap = self.tile_overlap.unwrap_or(0.25);
+            let chosen = loop {
+                if lat < 8 {
+                    break None;
+                }
+                if vae.decode_peak_estimate(per, lat, lat) <= budget {
+                    break Some(vae.tiling(Some(lat * f), Some(overlap))?);
+                }
+                lat -= 8;
+            };
+            mem.tiling = Some(chosen.ok_or_else(|| {
+                Error::InvalidArgument(format!(
+                    "--memory-budget {budget} bytes is too small for any VAE decode plan (a 64-pixel tile needs about {} bytes); raise the budget",
+                    vae.decode_peak_estimate(per, 8, 8)
+                ))
+            })?);
+        }
+        Ok(mem)
+    }
+}
+
+impl AutoencoderKL {
+    /// Estimated peak bytes of decoding `(batch, h, w)` latents untiled: the decoder's weights,
+    /// plus, at the costliest resolution, the block's input, output and normalised copies and the
+    /// conv's im2col buffer (9 × input channels per pixel), plus the mid-block attention matrix.
+    pub fn decode_peak_estimate(&self, batch: usize, h: usize, w: usize) -> u64 {
+        let cfg = self.config();
+        let bytes = 4u64; // activations are computed in f32 or smaller
+        let boc: Vec<u64> = cfg
+            .block_out_channels
+            .iter()
+            .rev()
+            .map(|&c| c as u64)
+            .collect();
+        let (b, h, w) = (batch as u64, h as u64, w as u64);
+        let mut act = 0u64;
+        for (i, &c) in boc.iter().enumerate() {
+            let px = (h << i) * (w << i);
+            // Upsampling into a level runs at the next resolution with this level's channels.
+            let up_px = if i + 1 < boc.len() { px * 4 } else { px };
+            act = act.max(b * c * (3 * px.max(up_px) + 9 * px.max(up_px)) * bytes);
+        }
+        let attn = if cfg.mid_block_add_attention {
+            b * (h * w) * (h * w) * bytes * 2
+        } else {
+            0
+        };
+        let weights: u64 = boc.iter().map(|&c| c * c * 9 * 6).sum::<u64>() * bytes;
+        weights + act.max(attn)
+    }
+}

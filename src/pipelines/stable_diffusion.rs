@@ -12,7 +12,7 @@ use crate::device::parse_device;
 use crate::error::{read_json, Error, Result};
 use crate::models::{
     AutoencoderKL, AutoencoderKLConfig, ClipTextConfig, ClipTextModel, UNet2DConditionConfig,
-    UNet2DConditionModel,
+    UNet2DConditionModel, VaeMemory, VaeOptions,
 };
 use crate::residency::{plan_balanced, Accounting, DeviceMap, Strategy, WeightProvider};
 use crate::rng::TorchRng;
@@ -107,6 +107,8 @@ pub struct GenerateRequest {
     /// img2img: the init image (1, 3, H, W) in [-1, 1] and the strength in (0, 1].
     pub init_image: Option<Tensor>,
     pub strength: f64,
+    /// VAE tiling / slicing / memory budget.
+    pub vae: VaeOptions,
 }
 
 impl Default for GenerateRequest {
@@ -124,6 +126,7 @@ impl Default for GenerateRequest {
             latents: None,
             init_image: None,
             strength: 0.8,
+            vae: VaeOptions::default(),
         }
     }
 }
@@ -135,6 +138,8 @@ pub struct GenerateOutput {
     pub final_latents: Tensor,
     /// (B, H, W, 3) in [0, 1], before 8-bit quantisation.
     pub image: Tensor,
+    /// The VAE memory strategy the decode used (tiling may have been chosen by the budget).
+    pub vae_memory: VaeMemory,
 }
 
 impl StableDiffusion {
@@ -544,19 +549,22 @@ impl StableDiffusion {
         }
 
         self.use_component("vae")?;
-        let image = self.decode_to_image(&latents)?;
+        let (_, _, lh, lw) = latents.dims4()?;
+        let vae_memory = req.vae.plan(&self.vae, b, lh, lw)?;
+        let image = self.decode_to_image(&latents, &vae_memory)?;
         Ok(GenerateOutput {
             prompt_embeds,
             final_latents: latents,
             image,
+            vae_memory,
         })
     }
 
     /// VAE-decodes scaled latents into (B, H, W, 3) images in [0, 1].
-    pub fn decode_to_image(&self, latents: &Tensor) -> Result<Tensor> {
+    pub fn decode_to_image(&self, latents: &Tensor, mem: &VaeMemory) -> Result<Tensor> {
         let z = (latents.to_device(&self.component_device("vae")?)?
             / self.vae.config().scaling_factor)?;
-        let x = self.vae.decode(&z)?;
+        let x = self.vae.decode_with(&z, mem)?;
         Ok(((x / 2.0)? + 0.5)?
             .clamp(0f32, 1f32)?
             .permute((0, 2, 3, 1))?
