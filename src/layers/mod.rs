@@ -4,6 +4,8 @@
 use candle_core::{DType, Module, Tensor, D};
 
 use crate::error::Result;
+
+pub mod conv2d;
 use crate::residency::{Param, ParamPath};
 
 pub struct Linear {
@@ -57,6 +59,9 @@ impl Conv2d {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let w = self.weight.get()?;
         let b = self.bias.as_ref().map(Param::get).transpose()?;
+        if conv2d::supported(x, &w, self.cfg.stride, self.cfg.groups) {
+            return conv2d::conv2d(x, &w, b.as_ref(), self.cfg.padding);
+        }
         Ok(candle_nn::Conv2d::new(w, b, self.cfg).forward(x)?)
     }
 }
