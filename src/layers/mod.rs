@@ -6,6 +6,7 @@ use candle_core::{DType, Module, Tensor, D};
 use crate::error::Result;
 
 pub mod conv2d;
+pub mod norm;
 use crate::residency::{Param, ParamPath};
 
 pub struct Linear {
@@ -86,6 +87,19 @@ impl GroupNorm {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.run(x, false)
+    }
+
+    /// `silu(group_norm(x))` in one pass where the fused kernel applies.
+    pub fn forward_silu(&self, x: &Tensor) -> Result<Tensor> {
+        self.run(x, true)
+    }
+
+    fn run(&self, x: &Tensor, silu: bool) -> Result<Tensor> {
+        if norm::supported(x) {
+            let (w, b) = (self.weight.get()?, self.bias.get()?);
+            return norm::group_norm(x, self.groups, &w, &b, self.eps, silu);
+        }
         let gn = candle_nn::GroupNorm::new(
             self.weight.get()?,
             self.bias.get()?,
@@ -93,7 +107,8 @@ impl GroupNorm {
             self.groups,
             self.eps,
         )?;
-        Ok(gn.forward(x)?)
+        let y = gn.forward(x)?;
+        Ok(if silu { y.silu()? } else { y })
     }
 }
 

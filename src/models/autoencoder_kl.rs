@@ -350,7 +350,7 @@ impl AutoencoderKL {
         }
         h = e.mid.forward(&h)?;
         let scope = ModuleScope::enter(src, "encoder.out")?;
-        h = e.conv_out.forward(&e.norm_out.forward(&h)?.silu()?)?;
+        h = e.conv_out.forward(&e.norm_out.forward_silu(&h)?)?;
         if let Some(q) = &self.quant_conv {
             h = q.forward(&h)?;
         }
@@ -391,7 +391,7 @@ impl AutoencoderKL {
             }
         }
         let scope = ModuleScope::enter(src, "decoder.out")?;
-        h = d.conv_out.forward(&d.norm_out.forward(&h)?.silu()?)?;
+        h = d.conv_out.forward(&d.norm_out.forward_silu(&h)?)?;
         scope.exit()?;
         Ok(h)
     }

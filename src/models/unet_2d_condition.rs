@@ -661,7 +661,7 @@ impl UNet2DConditionModel {
             }
         }
         let scope = ModuleScope::enter(src, "conv_out")?;
-        x = self.conv_out.forward(&self.norm_out.forward(&x)?.silu()?)?;
+        x = self.conv_out.forward(&self.norm_out.forward_silu(&x)?)?;
         scope.exit()?;
         Ok(x)
     }
