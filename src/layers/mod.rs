@@ -65,6 +65,28 @@ impl Conv2d {
         }
         Ok(candle_nn::Conv2d::new(w, b, self.cfg).forward(x)?)
     }
+
+    /// Whether [`Conv2d::forward_ext`] can run on `x` (CPU f32, stride 1, one group).
+    pub fn fusable(&self, x: &Tensor) -> bool {
+        matches!(x.device(), candle_core::Device::Cpu)
+            && x.dtype() == DType::F32
+            && self.cfg.stride == 1
+            && self.cfg.groups == 1
+            && x.rank() == 4
+    }
+
+    /// `conv(prologue(x)) + residual` without materialising the prologue's output or the sum;
+    /// only where [`Conv2d::fusable`] holds.
+    pub fn forward_ext(
+        &self,
+        x: &Tensor,
+        pro: &conv2d::Prologue,
+        residual: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let w = self.weight.get()?;
+        let b = self.bias.as_ref().map(Param::get).transpose()?;
+        conv2d::conv2d_ext(x, &w, b.as_ref(), self.cfg.padding, pro, residual)
+    }
 }
 
 pub struct GroupNorm {
@@ -88,6 +110,12 @@ impl GroupNorm {
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         self.run(x, false)
+    }
+
+    /// The norm as per-(batch, channel) coefficients for a fused conv prologue.
+    pub fn coefficients(&self, x: &Tensor) -> Result<(Vec<f32>, Vec<f32>)> {
+        let (w, b) = (self.weight.get()?, self.bias.get()?);
+        norm::coefficients(x, self.groups, &w, &b, self.eps)
     }
 
     /// `silu(group_norm(x))` in one pass where the fused kernel applies.

@@ -11,6 +11,63 @@ pub fn supported(x: &Tensor) -> bool {
     matches!(x.device(), Device::Cpu) && x.dtype() == DType::F32 && x.rank() >= 2
 }
 
+/// GroupNorm folded into per-(batch, channel) coefficients: `norm(x)·gamma + beta = x·a + b`.
+/// Statistics are accumulated in f64.
+pub fn coefficients(
+    x: &Tensor,
+    groups: usize,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f64,
+) -> Result<(Vec<f32>, Vec<f32>)> {
+    let dims = x.dims().to_vec();
+    let (n, c) = (dims[0], dims[1]);
+    if c % groups != 0 {
+        return Err(Error::InvalidArgument(format!(
+            "group_norm: {c} channels do not split into {groups} groups"
+        )));
+    }
+    let hw: usize = dims[2..].iter().product();
+    let cg = c / groups;
+    let gamma = gamma.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+    let beta = beta.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+    let x = x.contiguous()?;
+    let (storage, layout) = x.storage_and_layout();
+    let src = match &*storage {
+        candle_core::Storage::Cpu(cpu) => {
+            let all = cpu.as_slice::<f32>()?;
+            &all[layout.start_offset()..layout.start_offset() + n * c * hw]
+        }
+        _ => return Err(Error::InvalidArgument("group_norm: expected a CPU tensor".into())),
+    };
+    let len = cg * hw;
+    let stats: Vec<(f64, f64)> = src
+        .par_chunks(len)
+        .map(|s| {
+            let mean = s.iter().map(|&v| v as f64).sum::<f64>() / len as f64;
+            let var = s
+                .iter()
+                .map(|&v| {
+                    let d = v as f64 - mean;
+                    d * d
+                })
+                .sum::<f64>()
+                / len as f64;
+            (mean, 1.0 / (var + eps).sqrt())
+        })
+        .collect();
+    let mut a = Vec::with_capacity(n * c);
+    let mut b = Vec::with_capacity(n * c);
+    for bi in 0..n {
+        for cc in 0..c {
+            let (mean, rstd) = stats[bi * groups + cc / cg];
+            a.push((rstd * gamma[cc] as f64) as f32);
+            b.push((beta[cc] as f64 - mean * rstd * gamma[cc] as f64) as f32);
+        }
+    }
+    Ok((a, b))
+}
+
 /// `group_norm(x) * gamma + beta`, then SiLU when `silu`. Statistics are accumulated in f64.
 pub fn group_norm(
     x: &Tensor,

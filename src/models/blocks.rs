@@ -4,6 +4,7 @@
 use candle_core::Tensor;
 
 use crate::error::Result;
+use crate::layers::conv2d::Prologue;
 use crate::layers::{attention, Conv2d, GroupNorm, LayerNorm, Linear};
 use crate::residency::{ParamPath, UnitScope};
 
@@ -47,6 +48,9 @@ impl ResnetBlock2D {
     }
 
     fn forward_inner(&self, x: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
+        if self.output_scale_factor == 1.0 && self.conv1.fusable(x) {
+            return self.forward_fused(x, temb);
+        }
         let mut h = self.conv1.forward(&self.norm1.forward_silu(x)?)?;
         if let (Some(proj), Some(t)) = (&self.time_emb_proj, temb) {
             let t = proj.forward(&t.silu()?)?.unsqueeze(2)?.unsqueeze(3)?;
@@ -63,6 +67,35 @@ impl ResnetBlock2D {
         } else {
             out
         })
+    }
+}
+
+impl ResnetBlock2D {
+    /// The same block with each norm+SiLU folded into the following conv and the residual sum
+    /// accumulated by the last conv: at most the input, one intermediate and the output are
+    /// alive at once (the plain path holds five tensors of that size at its peak).
+    fn forward_fused(&self, x: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
+        let silu = |(a, b): (Vec<f32>, Vec<f32>)| Prologue {
+            affine: Some((a, b)),
+            silu: true,
+            upsample: 1,
+        };
+        let mut h = self
+            .conv1
+            .forward_ext(x, &silu(self.norm1.coefficients(x)?), None)?;
+        if let (Some(proj), Some(t)) = (&self.time_emb_proj, temb) {
+            let t = proj.forward(&t.silu()?)?.unsqueeze(2)?.unsqueeze(3)?;
+            h = h.broadcast_add(&t)?;
+        }
+        let pro2 = silu(self.norm2.coefficients(&h)?);
+        match &self.conv_shortcut {
+            None => self.conv2.forward_ext(&h, &pro2, Some(x)),
+            Some(sc) => {
+                let h2 = self.conv2.forward_ext(&h, &pro2, None)?;
+                drop(h);
+                sc.forward_ext(x, &Prologue::default(), Some(&h2))
+            }
+        }
     }
 }
 
@@ -324,6 +357,14 @@ impl Upsample2D {
     fn forward_inner(&self, x: &Tensor, size: Option<(usize, usize)>) -> Result<Tensor> {
         let (_, _, h, w) = x.dims4()?;
         let (th, tw) = size.unwrap_or((h * 2, w * 2));
+        if (th, tw) == (h * 2, w * 2) && self.conv.fusable(x) {
+            // Upsample while the conv reads its input: the 4x larger tensor never exists.
+            let pro = Prologue {
+                upsample: 2,
+                ..Prologue::default()
+            };
+            return self.conv.forward_ext(x, &pro, None);
+        }
         self.conv.forward(&x.upsample_nearest2d(th, tw)?)
     }
 }
