@@ -17,7 +17,9 @@ fn bench(c: &mut Criterion) {
         g.bench_function("lowtide", |bch| {
             bch.iter(|| lowtide::layers::conv2d::conv2d(&x, &w, Some(&b), 1).unwrap())
         });
-        g.bench_function("candle", |bch| bch.iter(|| x.conv2d(&w, 1, 1, 1, 1).unwrap()));
+        g.bench_function("candle", |bch| {
+            bch.iter(|| x.conv2d(&w, 1, 1, 1, 1).unwrap())
+        });
         g.finish();
     }
 }

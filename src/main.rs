@@ -10,6 +10,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use lowtide::device::{parse_device, parse_dtype};
 use lowtide::io::{read_image, read_image_arg, read_single_tensor, save_images, save_tensors};
 use lowtide::models::{VaeMemory, VaeOptions};
+use lowtide::pipelines::stable_diffusion::decode_or_retry_tiled;
 use lowtide::pipelines::{
     load_vae, resolve_model, DeviceMapSpec, GenerateRequest, LoadOptions, OffloadPlan,
     StableDiffusion,
@@ -414,7 +415,7 @@ fn vae(command: VaeCommand) -> Result<()> {
             let (b, _, h, w) = z.dims4()?;
             let mem = vae_args.options()?.plan(&vae, b, h, w)?;
             report_vae_plan(&vae_args, &mem);
-            let sample = vae.decode_with(&z.to_dtype(opts.dtype)?, &mem)?;
+            let sample = decode_or_retry_tiled(&vae, &z.to_dtype(opts.dtype)?, &mem)?;
             save_tensors(&dst, &[("sample", &sample)])?;
             eprintln!("wrote {}", dst.display());
             if let Some(out) = out {

@@ -49,19 +49,6 @@ fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
-fn copy_dir(src: &Path, dst: &Path) {
-    std::fs::create_dir_all(dst).unwrap();
-    for e in std::fs::read_dir(src).unwrap() {
-        let e = e.unwrap();
-        let to = dst.join(e.file_name());
-        if e.file_type().unwrap().is_dir() {
-            copy_dir(&e.path(), &to);
-        } else {
-            std::fs::copy(e.path(), &to).unwrap();
-        }
-    }
-}
-
 /// A writable copy of the tiny SD1.5 pipeline.
 fn scratch_pipeline() -> (tempfile::TempDir, PathBuf) {
     let tmp = tempfile::tempdir().unwrap();

@@ -358,7 +358,7 @@ fn bad_offload_settings() {
 fn weights_truncated_between_load_and_use_are_an_error_not_a_wrong_image() {
     let tmp = tempfile::tempdir().unwrap();
     let dst = tmp.path().join("p");
-    copy(&model("tiny-sd15"), &dst);
+    copy_dir(&model("tiny-sd15"), &dst);
     for s in [Strategy::Sequential, group(1, true), Strategy::Model] {
         let mut pipe = StableDiffusion::load(&dst, LoadOptions::default()).unwrap();
         pipe.set_offload(&OffloadPlan::uniform(s)).unwrap();
@@ -376,18 +376,5 @@ fn weights_truncated_between_load_and_use_are_an_error_not_a_wrong_image() {
             .unwrap();
         assert!(e.to_string().contains("truncated"), "{s:?}: {e}");
         std::fs::write(&f, &bytes).unwrap();
-    }
-}
-
-fn copy(src: &std::path::Path, dst: &std::path::Path) {
-    std::fs::create_dir_all(dst).unwrap();
-    for e in std::fs::read_dir(src).unwrap() {
-        let e = e.unwrap();
-        let to = dst.join(e.file_name());
-        if e.file_type().unwrap().is_dir() {
-            copy(&e.path(), &to);
-        } else {
-            std::fs::copy(e.path(), &to).unwrap();
-        }
     }
 }

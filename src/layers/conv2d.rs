@@ -39,7 +39,9 @@ fn with_f32<T>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<T>) -> Result<T> {
             let start = layout.start_offset();
             f(&all[start..start + t.elem_count()])
         }
-        _ => Err(Error::InvalidArgument("conv2d: expected a CPU tensor".into())),
+        _ => Err(Error::InvalidArgument(
+            "conv2d: expected a CPU tensor".into(),
+        )),
     }
 }
 
@@ -87,7 +89,9 @@ pub fn conv2d_ext(
     }
     if let Some((a, bb)) = &pro.affine {
         if a.len() != n * c_in || bb.len() != n * c_in {
-            return Err(Error::InvalidArgument("conv2d: prologue size mismatch".into()));
+            return Err(Error::InvalidArgument(
+                "conv2d: prologue size mismatch".into(),
+            ));
         }
     }
     let (h_out, w_out) = (h + 2 * padding - k + 1, wd + 2 * padding - k + 1);
@@ -179,35 +183,37 @@ fn run(
             let in_stride = in_rows * wp + slack;
             inp.clear();
             inp.resize(c_in * in_stride, 0.0);
-            inp.par_chunks_mut(in_stride).enumerate().for_each(|(ci, dst)| {
-                let (a, b) = match &pro.affine {
-                    Some((a, b)) => (a[bi * c_in + ci], b[bi * c_in + ci]),
-                    None => (1.0, 0.0),
-                };
-                let plain = pro.affine.is_none() && !pro.silu;
-                for rr in 0..in_rows {
-                    let iy = (oy0 + rr) as isize - padding as isize;
-                    if iy < 0 || iy >= h as isize {
-                        continue;
-                    }
-                    let src = &x_b[ci * h0 * w0 + (iy as usize / u) * w0..][..w0];
-                    let row = &mut dst[rr * wp + padding..][..wd];
-                    if plain && u == 1 {
-                        row.copy_from_slice(src);
-                        continue;
-                    }
-                    for (j, o) in row.iter_mut().enumerate() {
-                        let mut v = src[j / u];
-                        if pro.affine.is_some() {
-                            v = v * a + b;
+            inp.par_chunks_mut(in_stride)
+                .enumerate()
+                .for_each(|(ci, dst)| {
+                    let (a, b) = match &pro.affine {
+                        Some((a, b)) => (a[bi * c_in + ci], b[bi * c_in + ci]),
+                        None => (1.0, 0.0),
+                    };
+                    let plain = pro.affine.is_none() && !pro.silu;
+                    for rr in 0..in_rows {
+                        let iy = (oy0 + rr) as isize - padding as isize;
+                        if iy < 0 || iy >= h as isize {
+                            continue;
                         }
-                        if pro.silu {
-                            v /= 1.0 + (-v).exp();
+                        let src = &x_b[ci * h0 * w0 + (iy as usize / u) * w0..][..w0];
+                        let row = &mut dst[rr * wp + padding..][..wd];
+                        if plain && u == 1 {
+                            row.copy_from_slice(src);
+                            continue;
                         }
-                        *o = v;
+                        for (j, o) in row.iter_mut().enumerate() {
+                            let mut v = src[j / u];
+                            if pro.affine.is_some() {
+                                v = v * a + b;
+                            }
+                            if pro.silu {
+                                v /= 1.0 + (-v).exp();
+                            }
+                            *o = v;
+                        }
                     }
-                }
-            });
+                });
             let acc_stride = r * wp;
             acc.clear();
             acc.resize(c_out * acc_stride, 0.0);
@@ -286,7 +292,10 @@ mod tests {
             let (n, c_in, c_out) = (pick(1, 3), pick(1, 19), pick(1, 23));
             let k = [1, 3, 5][pick(0, 2)];
             let padding = pick(0, k);
-            let (h, w) = (pick(k.saturating_sub(2 * padding).max(1), 21), pick(k.saturating_sub(2 * padding).max(1), 33));
+            let (h, w) = (
+                pick(k.saturating_sub(2 * padding).max(1), 21),
+                pick(k.saturating_sub(2 * padding).max(1), 33),
+            );
             let dev = Device::Cpu;
             let x = Tensor::randn(0f32, 1.0, (n, c_in, w, h), &dev).unwrap();
             // Transposed: exercises the non-contiguous path.
@@ -300,9 +309,29 @@ mod tests {
                 .broadcast_add(&b.reshape((1, c_out, 1, 1)).unwrap())
                 .unwrap();
             assert_eq!(ours.dims(), theirs.dims(), "case {case}");
-            let diff = (&ours - &theirs).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
-            let mag = theirs.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
-            assert!(diff <= 1e-5 * mag.max(1.0), "case {case} n{n} c{c_in}->{c_out} k{k} p{padding} {h}x{w}: {diff}");
+            let diff = (&ours - &theirs)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            let mag = theirs
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(
+                diff <= 1e-5 * mag.max(1.0),
+                "case {case} n{n} c{c_in}->{c_out} k{k} p{padding} {h}x{w}: {diff}"
+            );
         }
     }
 
@@ -336,7 +365,14 @@ mod tests {
             let res = Tensor::randn(0f32, 1.0, conv.dims(), &dev).unwrap();
             let want = (&conv + &res).unwrap();
             let got = conv2d_ext(&x, &wt, Some(&b), 1, &pro, Some(&res)).unwrap();
-            let d = (got - want).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+            let d = (got - want)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap();
             assert!(d.to_scalar::<f32>().unwrap() < 1e-5, "silu={silu} up={up}");
         }
     }

@@ -282,7 +282,14 @@ mod tests {
         let v = Tensor::randn(0f32, 1.0, (1, 4096, 8), &dev).unwrap();
         let chunked = attention(&q, &k, &v, None).unwrap();
         let whole = attention_chunk(&q, &k.t().unwrap().contiguous().unwrap(), &v, None).unwrap();
-        let d = (chunked - whole).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+        let d = (chunked - whole)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap();
         assert!(d.to_scalar::<f32>().unwrap() < 1e-6);
     }
 }

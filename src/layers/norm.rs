@@ -38,7 +38,11 @@ pub fn coefficients(
             let all = cpu.as_slice::<f32>()?;
             &all[layout.start_offset()..layout.start_offset() + n * c * hw]
         }
-        _ => return Err(Error::InvalidArgument("group_norm: expected a CPU tensor".into())),
+        _ => {
+            return Err(Error::InvalidArgument(
+                "group_norm: expected a CPU tensor".into(),
+            ))
+        }
     };
     let len = cg * hw;
     let stats: Vec<(f64, f64)> = src
@@ -68,7 +72,7 @@ pub fn coefficients(
     Ok((a, b))
 }
 
-/// `group_norm(x) * gamma + beta`, then SiLU when `silu`. Statistics are accumulated in f64.
+/// `group_norm(x) * gamma + beta`, then SiLU when `silu`, in one output allocation.
 pub fn group_norm(
     x: &Tensor,
     groups: usize,
@@ -77,59 +81,31 @@ pub fn group_norm(
     eps: f64,
     silu: bool,
 ) -> Result<Tensor> {
+    let (a, b) = coefficients(x, groups, gamma, beta, eps)?;
     let dims = x.dims().to_vec();
-    let (n, c) = (dims[0], dims[1]);
-    if c % groups != 0 {
-        return Err(Error::InvalidArgument(format!(
-            "group_norm: {c} channels do not split into {groups} groups"
-        )));
-    }
     let hw: usize = dims[2..].iter().product();
-    let cg = c / groups;
-    let gamma = gamma.to_dtype(DType::F32)?.to_vec1::<f32>()?;
-    let beta = beta.to_dtype(DType::F32)?.to_vec1::<f32>()?;
     let x = x.contiguous()?;
     let (storage, layout) = x.storage_and_layout();
     let src = match &*storage {
         candle_core::Storage::Cpu(cpu) => {
             let all = cpu.as_slice::<f32>()?;
-            &all[layout.start_offset()..layout.start_offset() + n * c * hw]
+            &all[layout.start_offset()..layout.start_offset() + x.elem_count()]
         }
-        _ => return Err(Error::InvalidArgument("group_norm: expected a CPU tensor".into())),
+        _ => {
+            return Err(Error::InvalidArgument(
+                "group_norm: expected a CPU tensor".into(),
+            ))
+        }
     };
-    let mut out = vec![0f32; n * c * hw];
-    let len = cg * hw;
-    out.par_chunks_mut(len)
-        .zip(src.par_chunks(len))
+    let mut out = vec![0f32; x.elem_count()];
+    out.par_chunks_mut(hw)
+        .zip(src.par_chunks(hw))
         .enumerate()
         .for_each(|(i, (o, s))| {
-            let g = i % groups;
-            let mean = s.iter().map(|&v| v as f64).sum::<f64>() / len as f64;
-            let var = s
-                .iter()
-                .map(|&v| {
-                    let d = v as f64 - mean;
-                    d * d
-                })
-                .sum::<f64>()
-                / len as f64;
-            let rstd = 1.0 / (var + eps).sqrt();
-            for ch in 0..cg {
-                let cc = g * cg + ch;
-                // y = (x - mean) * rstd * gamma + beta = x * a + b
-                let a = (rstd * gamma[cc] as f64) as f32;
-                let b = (beta[cc] as f64 - mean * rstd * gamma[cc] as f64) as f32;
-                let (os, ss) = (&mut o[ch * hw..(ch + 1) * hw], &s[ch * hw..(ch + 1) * hw]);
-                if silu {
-                    for (ov, &sv) in os.iter_mut().zip(ss) {
-                        let y = sv * a + b;
-                        *ov = y / (1.0 + (-y).exp());
-                    }
-                } else {
-                    for (ov, &sv) in os.iter_mut().zip(ss) {
-                        *ov = sv * a + b;
-                    }
-                }
+            let (a, b) = (a[i], b[i]);
+            for (ov, &sv) in o.iter_mut().zip(s) {
+                let y = sv * a + b;
+                *ov = if silu { y / (1.0 + (-y).exp()) } else { y };
             }
         });
     drop(storage);
@@ -153,10 +129,24 @@ mod tests {
                 .forward(&x)
                 .unwrap();
             for silu in [false, true] {
-                let want = if silu { reference.silu().unwrap() } else { reference.clone() };
+                let want = if silu {
+                    reference.silu().unwrap()
+                } else {
+                    reference.clone()
+                };
                 let got = group_norm(&x, g, &gamma, &beta, 1e-6, silu).unwrap();
-                let d = (got - &want).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap();
-                assert!(d.to_scalar::<f32>().unwrap() < 2e-5, "{n} {c} {h} {w} {g} silu={silu}");
+                let d = (got - &want)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .max(0)
+                    .unwrap();
+                assert!(
+                    d.to_scalar::<f32>().unwrap() < 2e-5,
+                    "{n} {c} {h} {w} {g} silu={silu}"
+                );
             }
         }
     }

@@ -564,7 +564,7 @@ impl StableDiffusion {
     pub fn decode_to_image(&self, latents: &Tensor, mem: &VaeMemory) -> Result<Tensor> {
         let z = (latents.to_device(&self.component_device("vae")?)?
             / self.vae.config().scaling_factor)?;
-        let x = self.vae.decode_with(&z, mem)?;
+        let x = decode_or_retry_tiled(&self.vae, &z, mem)?;
         Ok(((x / 2.0)? + 0.5)?
             .clamp(0f32, 1f32)?
             .permute((0, 2, 3, 1))?
@@ -572,6 +572,28 @@ impl StableDiffusion {
             .to_device(&Device::Cpu)?
             .contiguous()?)
     }
+}
+
+/// Decodes; on a CUDA out-of-memory error during an untiled decode, retries once with
+/// diffusers' default tiling and says so (as ComfyUI does). CPU allocation failures abort the
+/// process instead, which is why a CPU user sets `--memory-budget`.
+pub fn decode_or_retry_tiled(vae: &AutoencoderKL, z: &Tensor, mem: &VaeMemory) -> Result<Tensor> {
+    match vae.decode_with(z, mem) {
+        Err(e) if mem.tiling.is_none() && z.device().is_cuda() && is_oom(&e) => {
+            eprintln!("VAE decode ran out of GPU memory; retrying with tiling");
+            let tiled = VaeMemory {
+                tiling: Some(vae.tiling(None, None)?),
+                ..*mem
+            };
+            vae.decode_with(z, &tiled)
+        }
+        other => other,
+    }
+}
+
+fn is_oom(e: &Error) -> bool {
+    let m = e.to_string().to_ascii_lowercase();
+    m.contains("out of memory") || m.contains("out_of_memory")
 }
 
 fn gcd(a: usize, b: usize) -> usize {

@@ -60,6 +60,20 @@ pub fn assert_close(what: &str, a: &Tensor, b: &Tensor, rel: f32) {
     assert!(e <= rel, "{what}: relative error {e:.3e} > {rel:.1e}");
 }
 
+/// Copies a fixture folder (for tests that damage their copy).
+pub fn copy_dir(src: &std::path::Path, dst: &std::path::Path) {
+    std::fs::create_dir_all(dst).unwrap();
+    for e in std::fs::read_dir(src).unwrap() {
+        let e = e.unwrap();
+        let to = dst.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &to);
+        } else {
+            std::fs::copy(e.path(), &to).unwrap();
+        }
+    }
+}
+
 pub const PROMPT: &str = "a photograph of an astronaut riding a horse";
 pub const NEGATIVE: &str = "blurry, low quality";
 pub const SCHEDULERS: [&str; 5] = ["pndm", "ddim", "euler", "euler-a", "dpmpp-2m"];
