@@ -378,3 +378,20 @@ fn weights_truncated_between_load_and_use_are_an_error_not_a_wrong_image() {
         std::fs::write(&f, &bytes).unwrap();
     }
 }
+
+#[test]
+fn weight_file_deleted_after_load_still_gives_the_same_image() {
+    // The store keeps its files open: a checkpoint removed (or replaced) on disk after loading
+    // is still read from the version that was opened, never a mix.
+    let tmp = tempfile::tempdir().unwrap();
+    let dst = tmp.path().join("p");
+    copy_dir(&model("tiny-sd15"), &dst);
+    let req = request("tiny-sd15");
+    let base = load("tiny-sd15").generate(&req, &mut |_, _| {}).unwrap();
+    let mut pipe = StableDiffusion::load(&dst, LoadOptions::default()).unwrap();
+    pipe.set_offload(&OffloadPlan::uniform(Strategy::Sequential))
+        .unwrap();
+    std::fs::remove_file(dst.join("unet/diffusion_pytorch_model.safetensors")).unwrap();
+    let out = pipe.generate(&req, &mut |_, _| {}).unwrap();
+    assert_identical("after deletion", &base, &out);
+}
