@@ -1,12 +1,14 @@
-//! A memory-lean CPU conv2d for stride-1, ungrouped f32 convolutions (all the 3x3 and 1x1 convs
-//! of the UNet and VAE but the few strided downsamplers).
+//! A memory-lean CPU conv2d for f32 tensors: any stride, groups and (asymmetric) zero padding,
+//! dilation 1. Used by every conv of the UNet and the VAE on CPU.
 //!
 //! candle's CPU conv builds one im2col buffer of `H·W × C_in·k²` floats (1.2 GB for a 128-channel
-//! 3x3 conv at 512x512). Here the input is zero-padded to width `W + 2p` and flattened, so each
-//! kernel tap is a plain matrix product against a *shifted view* of that buffer: k² GEMMs
-//! accumulate into an output computed over the padded width (the 2p extra columns per row are
-//! dropped). Rows are processed in chunks, so the scratch memory is bounded by `CHUNK_BYTES`
-//! whatever the image size, and no im2col copy is made at all.
+//! 3x3 conv at 512x512). Here the zero-padded input is split into its `s²` stride phases (for
+//! stride 1, the padded input itself), each flattened with the row width of the output plus
+//! `(k-1)/s` columns. Every kernel tap then reads one phase at a fixed offset, so the conv is
+//! k² plain matrix products against *shifted views* of that buffer, accumulated into an output
+//! computed over the phase width (the few extra columns per row are dropped). Rows are processed
+//! in chunks, so the scratch memory is bounded by `CHUNK_BYTES` whatever the image size, and no
+//! im2col copy is made at all.
 
 use candle_core::{DType, Device, Tensor};
 use gemm::{gemm, Parallelism};
@@ -14,16 +16,62 @@ use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 
-/// Scratch budget per chunk (padded input rows + output rows).
+/// Scratch budget per chunk (input phases + output rows).
 const CHUNK_BYTES: usize = 24 << 20;
 
-/// Whether [`conv2d`] handles this case.
-pub fn supported(x: &Tensor, w: &Tensor, stride: usize, groups: usize) -> bool {
+/// Output pixels per task when a chunk is split across threads.
+const PIXEL_BLOCK: usize = 1024;
+
+/// The accumulator shared by tasks that write disjoint pixel ranges of it.
+#[derive(Clone, Copy)]
+struct AccPtr(*mut f32);
+// SAFETY: only used for writes to disjoint ranges (see the GEMM call) while the buffer lives.
+unsafe impl Send for AccPtr {}
+unsafe impl Sync for AccPtr {}
+
+/// Zero padding on each side of the input, in input pixels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Padding {
+    pub top: usize,
+    pub bottom: usize,
+    pub left: usize,
+    pub right: usize,
+}
+
+impl Padding {
+    pub fn uniform(p: usize) -> Self {
+        Self {
+            top: p,
+            bottom: p,
+            left: p,
+            right: p,
+        }
+    }
+}
+
+/// Stride, groups and padding of a conv (dilation is always 1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConvSpec {
+    pub stride: usize,
+    pub groups: usize,
+    pub padding: Padding,
+}
+
+impl ConvSpec {
+    pub fn new(stride: usize, padding: usize, groups: usize) -> Self {
+        Self {
+            stride,
+            groups,
+            padding: Padding::uniform(padding),
+        }
+    }
+}
+
+/// Whether [`conv2d`] handles this case (a CPU f32 input and a square f32 kernel).
+pub fn supported(x: &Tensor, w: &Tensor) -> bool {
     matches!(x.device(), Device::Cpu)
         && x.dtype() == DType::F32
         && w.dtype() == DType::F32
-        && stride == 1
-        && groups == 1
         && x.rank() == 4
         && w.rank() == 4
         && w.dim(2).ok() == w.dim(3).ok()
@@ -48,6 +96,7 @@ fn with_f32<T>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<T>) -> Result<T> {
 /// What the kernel applies to its input as it reads it, so the transformed input is never
 /// materialised: a per-(batch, channel) affine map `x·a + b` (a GroupNorm folded into
 /// coefficients), optionally followed by SiLU, and a nearest-neighbour upsampling factor.
+/// Padding is applied after the prologue (zeros stay zeros), as in the composed ops.
 #[derive(Debug, Clone, Default)]
 pub struct Prologue {
     /// `(a, b)`, `n · c_in` entries each.
@@ -57,9 +106,9 @@ pub struct Prologue {
     pub upsample: usize,
 }
 
-/// `conv2d(x, w) + b` with stride 1, dilation 1, one group, symmetric `padding`.
-pub fn conv2d(x: &Tensor, w: &Tensor, b: Option<&Tensor>, padding: usize) -> Result<Tensor> {
-    conv2d_ext(x, w, b, padding, &Prologue::default(), None)
+/// `conv2d(x, w) + b`.
+pub fn conv2d(x: &Tensor, w: &Tensor, b: Option<&Tensor>, spec: &ConvSpec) -> Result<Tensor> {
+    conv2d_ext(x, w, b, spec, &Prologue::default(), None)
 }
 
 /// `conv2d(prologue(x), w) + b + residual`: the prologue is applied while reading the input and
@@ -69,22 +118,35 @@ pub fn conv2d_ext(
     x: &Tensor,
     w: &Tensor,
     b: Option<&Tensor>,
-    padding: usize,
+    spec: &ConvSpec,
     pro: &Prologue,
     residual: Option<&Tensor>,
 ) -> Result<Tensor> {
     let (n, c_in, h0, w0) = x.dims4()?;
-    let (c_out, wc_in, k, _) = w.dims4()?;
-    let u = pro.upsample.max(1);
-    let (h, wd) = (h0 * u, w0 * u);
-    if wc_in != c_in {
+    let (c_out, c_in_g, k, kw) = w.dims4()?;
+    let (s, groups, pad) = (spec.stride, spec.groups, spec.padding);
+    if k != kw {
         return Err(Error::InvalidArgument(format!(
-            "conv2d: input has {c_in} channels, weight expects {wc_in}"
+            "conv2d: only square kernels are supported, got {k}x{kw}"
         )));
     }
-    if h + 2 * padding < k || wd + 2 * padding < k {
+    if s == 0 || groups == 0 || c_in % groups != 0 || c_out % groups != 0 {
         return Err(Error::InvalidArgument(format!(
-            "conv2d: a {h}x{wd} input with padding {padding} is smaller than the {k}x{k} kernel"
+            "conv2d: stride {s} and {groups} groups do not fit {c_in} -> {c_out} channels"
+        )));
+    }
+    if c_in_g * groups != c_in {
+        return Err(Error::InvalidArgument(format!(
+            "conv2d: input has {c_in} channels, weight expects {} ({groups} groups of {c_in_g})",
+            c_in_g * groups
+        )));
+    }
+    let u = pro.upsample.max(1);
+    let (h, wd) = (h0 * u, w0 * u);
+    let (hp, wp) = (h + pad.top + pad.bottom, wd + pad.left + pad.right);
+    if hp < k || wp < k {
+        return Err(Error::InvalidArgument(format!(
+            "conv2d: a {h}x{wd} input padded to {hp}x{wp} is smaller than the {k}x{k} kernel"
         )));
     }
     if let Some((a, bb)) = &pro.affine {
@@ -94,7 +156,7 @@ pub fn conv2d_ext(
             ));
         }
     }
-    let (h_out, w_out) = (h + 2 * padding - k + 1, wd + 2 * padding - k + 1);
+    let (h_out, w_out) = ((hp - k) / s + 1, (wp - k) / s + 1);
     if let Some(r) = residual {
         if r.dims() != [n, c_out, h_out, w_out] {
             return Err(Error::InvalidArgument(format!(
@@ -112,7 +174,11 @@ pub fn conv2d_ext(
         u,
         c_out,
         k,
-        padding,
+        s,
+        groups,
+        pad,
+        h_out,
+        w_out,
     };
     let out = with_f32(x, |xs| {
         with_f32(w, |ws| match residual {
@@ -132,7 +198,11 @@ struct Geometry {
     u: usize,
     c_out: usize,
     k: usize,
-    padding: usize,
+    s: usize,
+    groups: usize,
+    pad: Padding,
+    h_out: usize,
+    w_out: usize,
 }
 
 fn run(
@@ -151,16 +221,22 @@ fn run(
         u,
         c_out,
         k,
-        padding,
+        s,
+        groups,
+        pad,
+        h_out,
+        w_out,
     } = *g;
     let (h, wd) = (h0 * u, w0 * u);
-    let (h_out, w_out) = (h + 2 * padding - k + 1, wd + 2 * padding - k + 1);
-    let wp = wd + 2 * padding;
+    // Tap (ky, kx) = (s·qy + ry, s·qx + rx) reads phase (ry, rx) shifted by (qy, qx).
+    let qmax = (k - 1) / s;
+    let wq = w_out + qmax; // phase row width = accumulator row width
+    let slack = qmax; // the last tap of the last junk column reads this far past the rows
+    let (c_in_g, c_out_g) = (c_in / groups, c_out / groups);
 
-    // Rows per chunk: padded input (c_in × (rows + k - 1) × wp) plus output (c_out × rows × wp).
-    let per_row = (c_in + c_out) * wp * 4;
+    // Rows per chunk: s² phases of c_in × (rows + qmax) × wq, plus the c_out × rows × wq output.
+    let per_row = (c_in * s * s + c_out) * wq * 4;
     let rows = (CHUNK_BYTES / per_row.max(1)).clamp(1, h_out);
-    let slack = k - 1; // the last tap of the last junk column reads this far past the rows
     let threads = candle_core::utils::get_num_threads();
     let par = if threads > 1 {
         Parallelism::Rayon(threads)
@@ -168,6 +244,13 @@ fn run(
         Parallelism::None
     };
 
+    // Weights tap-major, `[ky·k + kx][co][ci]`: each tap's matrix is contiguous, which the GEMM
+    // packs faster than a stride-k² view.
+    let mut wt = vec![0f32; ws.len()];
+    for (i, &v) in ws.iter().enumerate() {
+        let (row, tap) = (i / (k * k), i % (k * k));
+        wt[tap * c_out * c_in_g + row] = v;
+    }
     let mut out = vec![0f32; n * c_out * h_out * w_out];
     let mut inp = Vec::<f32>::new();
     let mut acc = Vec::<f32>::new();
@@ -179,42 +262,58 @@ fn run(
         let mut oy0 = 0;
         while oy0 < h_out {
             let r = rows.min(h_out - oy0);
-            let in_rows = r + k - 1;
-            let in_stride = in_rows * wp + slack;
+            let in_rows = r + qmax;
+            let ch_stride = in_rows * wq + slack;
+            let phase_len = c_in * ch_stride;
             inp.clear();
-            inp.resize(c_in * in_stride, 0.0);
-            inp.par_chunks_mut(in_stride)
+            inp.resize(s * s * phase_len, 0.0);
+            // One task per (phase, channel) plane.
+            inp.par_chunks_mut(ch_stride)
                 .enumerate()
-                .for_each(|(ci, dst)| {
+                .for_each(|(plane, dst)| {
+                    let (phase, ci) = (plane / c_in, plane % c_in);
+                    let (ry, rx) = (phase / s, phase % s);
                     let (a, b) = match &pro.affine {
                         Some((a, b)) => (a[bi * c_in + ci], b[bi * c_in + ci]),
                         None => (1.0, 0.0),
                     };
-                    let plain = pro.affine.is_none() && !pro.silu;
+                    // Phase columns whose input column lies inside the image.
+                    let col = |j: usize| (s * j + rx) as isize - pad.left as isize;
+                    let j0 = (0..wq).find(|&j| col(j) >= 0).unwrap_or(wq);
+                    let j1 = (j0..wq).find(|&j| col(j) >= wd as isize).unwrap_or(wq);
                     for rr in 0..in_rows {
-                        let iy = (oy0 + rr) as isize - padding as isize;
-                        if iy < 0 || iy >= h as isize {
+                        let iy = (s * (oy0 + rr) + ry) as isize - pad.top as isize;
+                        if iy < 0 || iy >= h as isize || j0 >= j1 {
                             continue;
                         }
                         let src = &x_b[ci * h0 * w0 + (iy as usize / u) * w0..][..w0];
-                        let row = &mut dst[rr * wp + padding..][..wd];
-                        if plain && u == 1 {
-                            row.copy_from_slice(src);
-                            continue;
+                        let row = &mut dst[rr * wq + j0..rr * wq + j1];
+                        let ix0 = col(j0) as usize;
+                        // Gather, then transform in place: separate passes vectorise.
+                        if u == 1 && s == 1 {
+                            row.copy_from_slice(&src[ix0..ix0 + row.len()]);
+                        } else if u == 1 {
+                            for (o, &v) in row.iter_mut().zip(src[ix0..].iter().step_by(s)) {
+                                *o = v;
+                            }
+                        } else {
+                            for (j, o) in row.iter_mut().enumerate() {
+                                *o = src[(ix0 + s * j) / u];
+                            }
                         }
-                        for (j, o) in row.iter_mut().enumerate() {
-                            let mut v = src[j / u];
-                            if pro.affine.is_some() {
-                                v = v * a + b;
+                        if pro.affine.is_some() {
+                            for o in row.iter_mut() {
+                                *o = *o * a + b;
                             }
-                            if pro.silu {
-                                v /= 1.0 + (-v).exp();
+                        }
+                        if pro.silu {
+                            for o in row.iter_mut() {
+                                *o /= 1.0 + (-*o).exp();
                             }
-                            *o = v;
                         }
                     }
                 });
-            let acc_stride = r * wp;
+            let acc_stride = r * wq;
             acc.clear();
             acc.resize(c_out * acc_stride, 0.0);
             for (co, row) in acc.chunks_mut(acc_stride).enumerate() {
@@ -223,7 +322,7 @@ fn run(
                     Some(res) => {
                         for rr in 0..r {
                             let src = &res[co * h_out * w_out + (oy0 + rr) * w_out..][..w_out];
-                            for (o, &v) in row[rr * wp..][..w_out].iter_mut().zip(src) {
+                            for (o, &v) in row[rr * wq..][..w_out].iter_mut().zip(src) {
                                 *o = v + b0;
                             }
                         }
@@ -231,40 +330,73 @@ fn run(
                     None => row.fill(b0),
                 }
             }
-            for ky in 0..k {
-                for kx in 0..k {
-                    // SAFETY: lhs reads w[co, ci, ky, kx] for co < c_out, ci < c_in; rhs reads
-                    // inp[ci * in_stride + ky * wp + kx + j] for j < r * wp, which is below
-                    // (ci + 1) * in_stride since (k - 1) * wp + (k - 1) + r * wp <= in_stride;
-                    // dst is acc, c_out × acc_stride. The three buffers do not overlap.
-                    unsafe {
-                        gemm(
-                            c_out,
-                            acc_stride,
-                            c_in,
-                            acc.as_mut_ptr(),
-                            1,
-                            acc_stride as isize,
-                            true,
-                            ws.as_ptr().add(ky * k + kx),
-                            (k * k) as isize,
-                            (c_in * k * k) as isize,
-                            inp.as_ptr().add(ky * wp + kx),
-                            1,
-                            in_stride as isize,
-                            1.0f32,
-                            1.0f32,
-                            false,
-                            false,
-                            false,
-                            par,
-                        );
+            // Output pixels are the GEMM's rows (the vectorised dimension, read straight from
+            // the input planes) and output channels its columns.
+            let taps = |acc: AccPtr, j0: usize, m: usize, par: Parallelism| {
+                for gi in 0..groups {
+                    for ky in 0..k {
+                        for kx in 0..k {
+                            let (qy, ry, qx, rx) = (ky / s, ky % s, kx / s, kx % s);
+                            let lhs = (ry * s + rx) * phase_len
+                                + gi * c_in_g * ch_stride
+                                + qy * wq
+                                + qx
+                                + j0;
+                            let rhs = (ky * k + kx) * c_out * c_in_g + gi * c_out_g * c_in_g;
+                            // SAFETY: lhs reads phase (ry, rx), channel gi·c_in_g + ci (ci <
+                            // c_in_g), elements qy·wq + qx + j for j0 <= j < j0 + m <= r·wq,
+                            // which stays below ch_stride since qmax·wq + qmax + r·wq <=
+                            // (r + qmax)·wq + slack; rhs reads tap (ky, kx)'s weights of group
+                            // gi, c_out_g × c_in_g; dst is acc[gi·c_out_g + co][j0 + j], and
+                            // callers give concurrent calls disjoint j ranges. Inputs are
+                            // only read.
+                            unsafe {
+                                gemm(
+                                    m,
+                                    c_out_g,
+                                    c_in_g,
+                                    acc.0.add(gi * c_out_g * acc_stride + j0),
+                                    acc_stride as isize,
+                                    1,
+                                    true,
+                                    inp.as_ptr().add(lhs),
+                                    ch_stride as isize,
+                                    1,
+                                    wt.as_ptr().add(rhs),
+                                    c_in_g as isize,
+                                    1,
+                                    1.0f32,
+                                    1.0f32,
+                                    false,
+                                    false,
+                                    false,
+                                    par,
+                                );
+                            }
+                        }
                     }
                 }
+            };
+            let accp = AccPtr(acc.as_mut_ptr());
+            if acc_stride >= 8 * PIXEL_BLOCK && threads > 1 {
+                // Large chunks: one block of pixels per task through all taps keeps its
+                // accumulator rows in cache, instead of streaming the whole chunk k² times.
+                let blocks = acc_stride.div_ceil(PIXEL_BLOCK);
+                (0..blocks).into_par_iter().for_each(|bi| {
+                    let j0 = bi * PIXEL_BLOCK;
+                    taps(
+                        accp,
+                        j0,
+                        PIXEL_BLOCK.min(acc_stride - j0),
+                        Parallelism::None,
+                    );
+                });
+            } else {
+                taps(accp, 0, acc_stride, par);
             }
             for co in 0..c_out {
                 for rr in 0..r {
-                    let src = &acc[co * acc_stride + rr * wp..][..w_out];
+                    let src = &acc[co * acc_stride + rr * wq..][..w_out];
                     out_b[co * h_out * w_out + (oy0 + rr) * w_out..][..w_out].copy_from_slice(src);
                 }
             }
@@ -279,8 +411,34 @@ mod tests {
     use super::*;
     use crate::rng::TorchRng;
 
-    /// Property test: random shapes, paddings, kernels, batch sizes and non-contiguous inputs
-    /// against candle's own conv2d.
+    fn max_abs(t: &Tensor) -> f32 {
+        t.abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    /// candle's conv2d on an explicitly padded input: the reference.
+    fn reference(x: &Tensor, w: &Tensor, b: &Tensor, spec: &ConvSpec) -> Tensor {
+        let p = spec.padding;
+        let xp = x
+            .pad_with_zeros(2, p.top, p.bottom)
+            .unwrap()
+            .pad_with_zeros(3, p.left, p.right)
+            .unwrap();
+        let c_out = w.dim(0).unwrap();
+        xp.conv2d(w, 0, spec.stride, 1, spec.groups)
+            .unwrap()
+            .broadcast_add(&b.reshape((1, c_out, 1, 1)).unwrap())
+            .unwrap()
+    }
+
+    /// Property test: random shapes, strides, groups, (asymmetric) paddings, kernels, batch
+    /// sizes and non-contiguous inputs against candle's own conv2d.
     #[test]
     fn matches_candle_conv2d_on_random_cases() {
         let mut rng = TorchRng::new(7);
@@ -288,103 +446,123 @@ mod tests {
             let u = rng.randn(1)[0].abs();
             lo + ((u * 1000.0) as usize) % (hi - lo + 1)
         };
-        for case in 0..60 {
-            let (n, c_in, c_out) = (pick(1, 3), pick(1, 19), pick(1, 23));
-            let k = [1, 3, 5][pick(0, 2)];
-            let padding = pick(0, k);
-            let (h, w) = (
-                pick(k.saturating_sub(2 * padding).max(1), 21),
-                pick(k.saturating_sub(2 * padding).max(1), 33),
-            );
+        for case in 0..120 {
+            let groups = [1, 1, 2, 3, 4][pick(0, 4)];
+            let (n, c_in, c_out) = (pick(1, 3), groups * pick(1, 7), groups * pick(1, 8));
+            let k = [1, 2, 3, 5][pick(0, 3)];
+            let stride = [1, 1, 2, 2, 3][pick(0, 4)];
+            let padding = if pick(0, 2) == 0 {
+                Padding {
+                    top: pick(0, k),
+                    bottom: pick(0, k),
+                    left: pick(0, k),
+                    right: pick(0, k),
+                }
+            } else {
+                Padding::uniform(pick(0, k))
+            };
+            let spec = ConvSpec {
+                stride,
+                groups,
+                padding,
+            };
+            let min_h = k.saturating_sub(padding.top + padding.bottom).max(1);
+            let min_w = k.saturating_sub(padding.left + padding.right).max(1);
+            let (h, w) = (pick(min_h, 21), pick(min_w, 33));
             let dev = Device::Cpu;
             let x = Tensor::randn(0f32, 1.0, (n, c_in, w, h), &dev).unwrap();
             // Transposed: exercises the non-contiguous path.
             let x = x.transpose(2, 3).unwrap();
-            let wt = Tensor::randn(0f32, 0.3, (c_out, c_in, k, k), &dev).unwrap();
+            let wt = Tensor::randn(0f32, 0.3, (c_out, c_in / groups, k, k), &dev).unwrap();
             let b = Tensor::randn(0f32, 0.3, c_out, &dev).unwrap();
-            let ours = conv2d(&x, &wt, Some(&b), padding).unwrap();
-            let theirs = x
-                .conv2d(&wt, padding, 1, 1, 1)
-                .unwrap()
-                .broadcast_add(&b.reshape((1, c_out, 1, 1)).unwrap())
-                .unwrap();
-            assert_eq!(ours.dims(), theirs.dims(), "case {case}");
-            let diff = (&ours - &theirs)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
-            let mag = theirs
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let ours = conv2d(&x, &wt, Some(&b), &spec).unwrap();
+            let theirs = reference(&x, &wt, &b, &spec);
+            assert_eq!(ours.dims(), theirs.dims(), "case {case} {spec:?}");
+            let diff = max_abs(&(&ours - &theirs).unwrap());
             assert!(
-                diff <= 1e-5 * mag.max(1.0),
-                "case {case} n{n} c{c_in}->{c_out} k{k} p{padding} {h}x{w}: {diff}"
+                diff <= 1e-5 * max_abs(&theirs).max(1.0),
+                "case {case} n{n} c{c_in}->{c_out} k{k} {spec:?} {h}x{w}: {diff}"
             );
+        }
+    }
+
+    /// Chunks of at least 8 pixel blocks are split across threads: cover that path, with a
+    /// last block narrower than the others.
+    #[test]
+    fn large_chunks_split_across_threads_match_candle() {
+        let dev = Device::Cpu;
+        for (c_in, c_out, hw, spec) in [
+            (3, 5, 100, ConvSpec::new(1, 1, 1)),
+            (4, 6, 201, ConvSpec::new(2, 1, 2)),
+        ] {
+            let x = Tensor::randn(0f32, 1.0, (2, c_in, hw, hw), &dev).unwrap();
+            let wt = Tensor::randn(0f32, 0.3, (c_out, c_in / spec.groups, 3, 3), &dev).unwrap();
+            let b = Tensor::randn(0f32, 0.3, c_out, &dev).unwrap();
+            let ours = conv2d(&x, &wt, Some(&b), &spec).unwrap();
+            let theirs = reference(&x, &wt, &b, &spec);
+            let diff = max_abs(&(&ours - &theirs).unwrap());
+            assert!(diff <= 1e-5 * max_abs(&theirs).max(1.0), "{spec:?}: {diff}");
         }
     }
 
     #[test]
     fn prologue_and_residual_equal_the_composed_ops() {
         let dev = Device::Cpu;
-        let (n, c_in, c_out, h, w) = (2, 5, 7, 6, 9);
+        let (n, c_in, c_out, h, w) = (2, 6, 8, 6, 9);
         let x = Tensor::randn(0f32, 1.0, (n, c_in, h, w), &dev).unwrap();
-        let wt = Tensor::randn(0f32, 0.3, (c_out, c_in, 3, 3), &dev).unwrap();
-        let b = Tensor::randn(0f32, 0.3, c_out, &dev).unwrap();
         let a: Vec<f32> = (0..n * c_in).map(|i| 0.5 + i as f32 * 0.1).collect();
         let s: Vec<f32> = (0..n * c_in).map(|i| i as f32 * 0.05 - 0.2).collect();
-        for (silu, up) in [(false, 1), (true, 1), (false, 2), (true, 2)] {
-            let pro = Prologue {
-                affine: Some((a.clone(), s.clone())),
-                silu,
-                upsample: up,
-            };
-            let at = Tensor::from_vec(a.clone(), (n, c_in, 1, 1), &dev).unwrap();
-            let st = Tensor::from_vec(s.clone(), (n, c_in, 1, 1), &dev).unwrap();
-            let mut y = x.broadcast_mul(&at).unwrap().broadcast_add(&st).unwrap();
-            if silu {
-                y = y.silu().unwrap();
+        let asym = ConvSpec {
+            stride: 2,
+            groups: 2,
+            padding: Padding {
+                top: 0,
+                bottom: 1,
+                left: 0,
+                right: 1,
+            },
+        };
+        for spec in [ConvSpec::new(1, 1, 1), asym] {
+            let wt = Tensor::randn(0f32, 0.3, (c_out, c_in / spec.groups, 3, 3), &dev).unwrap();
+            let b = Tensor::randn(0f32, 0.3, c_out, &dev).unwrap();
+            for (silu, up) in [(false, 1), (true, 1), (false, 2), (true, 2)] {
+                let pro = Prologue {
+                    affine: Some((a.clone(), s.clone())),
+                    silu,
+                    upsample: up,
+                };
+                let at = Tensor::from_vec(a.clone(), (n, c_in, 1, 1), &dev).unwrap();
+                let st = Tensor::from_vec(s.clone(), (n, c_in, 1, 1), &dev).unwrap();
+                let mut y = x.broadcast_mul(&at).unwrap().broadcast_add(&st).unwrap();
+                if silu {
+                    y = y.silu().unwrap();
+                }
+                let y = y.upsample_nearest2d(h * up, w * up).unwrap();
+                let conv = reference(&y, &wt, &b, &spec);
+                let res = Tensor::randn(0f32, 1.0, conv.dims(), &dev).unwrap();
+                let want = (&conv + &res).unwrap();
+                let got = conv2d_ext(&x, &wt, Some(&b), &spec, &pro, Some(&res)).unwrap();
+                let d = max_abs(&(got - want).unwrap());
+                assert!(d < 1e-5, "{spec:?} silu={silu} up={up}: {d}");
             }
-            let y = y.upsample_nearest2d(h * up, w * up).unwrap();
-            let conv = y
-                .conv2d(&wt, 1, 1, 1, 1)
-                .unwrap()
-                .broadcast_add(&b.reshape((1, c_out, 1, 1)).unwrap())
-                .unwrap();
-            let res = Tensor::randn(0f32, 1.0, conv.dims(), &dev).unwrap();
-            let want = (&conv + &res).unwrap();
-            let got = conv2d_ext(&x, &wt, Some(&b), 1, &pro, Some(&res)).unwrap();
-            let d = (got - want)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap();
-            assert!(d.to_scalar::<f32>().unwrap() < 1e-5, "silu={silu} up={up}");
         }
     }
 
     #[test]
-    fn unsupported_cases_are_declined() {
+    fn unsupported_and_invalid_cases_are_declined() {
         let x = Tensor::zeros((1, 4, 8, 8), DType::F32, &Device::Cpu).unwrap();
         let w = Tensor::zeros((4, 4, 3, 3), DType::F32, &Device::Cpu).unwrap();
-        assert!(supported(&x, &w, 1, 1));
-        assert!(!supported(&x, &w, 2, 1));
-        assert!(!supported(&x, &w, 1, 2));
+        assert!(supported(&x, &w));
         let xh = x.to_dtype(DType::F16).unwrap();
-        assert!(!supported(&xh, &w, 1, 1));
+        assert!(!supported(&xh, &w));
+        let wr = Tensor::zeros((4, 4, 3, 1), DType::F32, &Device::Cpu).unwrap();
+        assert!(!supported(&x, &wr));
+        // 4 channels do not split into 3 groups; stride 0 is meaningless.
+        assert!(conv2d(&x, &w, None, &ConvSpec::new(1, 1, 3)).is_err());
+        assert!(conv2d(&x, &w, None, &ConvSpec::new(0, 1, 1)).is_err());
+        // A weight for 2 groups of 2 channels does not match 1 group.
+        let w2 = Tensor::zeros((4, 2, 3, 3), DType::F32, &Device::Cpu).unwrap();
+        assert!(conv2d(&x, &w2, None, &ConvSpec::new(1, 1, 1)).is_err());
+        assert!(conv2d(&x, &w2, None, &ConvSpec::new(1, 1, 2)).is_ok());
     }
 }

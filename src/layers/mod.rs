@@ -32,7 +32,7 @@ impl Linear {
 pub struct Conv2d {
     weight: Param,
     bias: Option<Param>,
-    cfg: candle_nn::Conv2dConfig,
+    spec: conv2d::ConvSpec,
 }
 
 impl Conv2d {
@@ -47,36 +47,28 @@ impl Conv2d {
         Self {
             weight: pp.param("weight", &[out_c, in_c, kernel, kernel]),
             bias: Some(pp.param("bias", &[out_c])),
-            cfg: candle_nn::Conv2dConfig {
-                padding,
-                stride,
-                dilation: 1,
-                groups: 1,
-                cudnn_fwd_algo: None,
-            },
+            spec: conv2d::ConvSpec::new(stride, padding, 1),
         }
+    }
+
+    /// The same conv with per-side zero padding (diffusers' VAE downsampler pads right and
+    /// bottom only).
+    pub fn with_padding(mut self, padding: conv2d::Padding) -> Self {
+        self.spec.padding = padding;
+        self
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let w = self.weight.get()?;
-        let b = self.bias.as_ref().map(Param::get).transpose()?;
-        if conv2d::supported(x, &w, self.cfg.stride, self.cfg.groups) {
-            return conv2d::conv2d(x, &w, b.as_ref(), self.cfg.padding);
-        }
-        Ok(candle_nn::Conv2d::new(w, b, self.cfg).forward(x)?)
+        self.forward_ext(x, &conv2d::Prologue::default(), None)
     }
 
-    /// Whether [`Conv2d::forward_ext`] can run on `x` (CPU f32, stride 1, one group).
+    /// Whether [`Conv2d::forward_ext`] can fuse a prologue into the conv on `x` (CPU f32).
     pub fn fusable(&self, x: &Tensor) -> bool {
-        matches!(x.device(), candle_core::Device::Cpu)
-            && x.dtype() == DType::F32
-            && self.cfg.stride == 1
-            && self.cfg.groups == 1
-            && x.rank() == 4
+        matches!(x.device(), candle_core::Device::Cpu) && x.dtype() == DType::F32 && x.rank() == 4
     }
 
-    /// `conv(prologue(x)) + residual` without materialising the prologue's output or the sum;
-    /// only where [`Conv2d::fusable`] holds.
+    /// `conv(prologue(x)) + residual` without materialising the prologue's output or the sum
+    /// where [`Conv2d::fusable`] holds; composed from candle ops elsewhere.
     pub fn forward_ext(
         &self,
         x: &Tensor,
@@ -85,8 +77,47 @@ impl Conv2d {
     ) -> Result<Tensor> {
         let w = self.weight.get()?;
         let b = self.bias.as_ref().map(Param::get).transpose()?;
-        conv2d::conv2d_ext(x, &w, b.as_ref(), self.cfg.padding, pro, residual)
+        if conv2d::supported(x, &w) {
+            return conv2d::conv2d_ext(x, &w, b.as_ref(), &self.spec, pro, residual);
+        }
+        let y = compose_prologue(x, pro)?;
+        let p = self.spec.padding;
+        let cfg = candle_nn::Conv2dConfig {
+            padding: 0,
+            stride: self.spec.stride,
+            dilation: 1,
+            groups: self.spec.groups,
+            cudnn_fwd_algo: None,
+        };
+        let y = y
+            .pad_with_zeros(2, p.top, p.bottom)?
+            .pad_with_zeros(3, p.left, p.right)?;
+        let y = candle_nn::Conv2d::new(w, b, cfg).forward(&y)?;
+        Ok(match residual {
+            Some(r) => (y + r)?,
+            None => y,
+        })
     }
+}
+
+/// The prologue of a fused conv as separate ops, for devices and dtypes the fused kernel does
+/// not cover.
+fn compose_prologue(x: &Tensor, pro: &conv2d::Prologue) -> Result<Tensor> {
+    let mut y = x.clone();
+    if let Some((a, b)) = &pro.affine {
+        let (n, c, _, _) = x.dims4()?;
+        let a = Tensor::from_slice(a, (n, c, 1, 1), x.device())?.to_dtype(x.dtype())?;
+        let b = Tensor::from_slice(b, (n, c, 1, 1), x.device())?.to_dtype(x.dtype())?;
+        y = y.broadcast_mul(&a)?.broadcast_add(&b)?;
+    }
+    if pro.silu {
+        y = y.silu()?;
+    }
+    if pro.upsample > 1 {
+        let (_, _, h, w) = y.dims4()?;
+        y = y.upsample_nearest2d(h * pro.upsample, w * pro.upsample)?;
+    }
+    Ok(y)
 }
 
 pub struct GroupNorm {
@@ -272,6 +303,76 @@ fn attention_chunk(q: &Tensor, k_t: &Tensor, v: &Tensor, mask: Option<&Tensor>) 
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    /// Weights held in memory, converted to one dtype.
+    struct Fixed(std::collections::HashMap<String, Tensor>, DType);
+
+    impl crate::residency::WeightProvider for Fixed {
+        fn get(&self, spec: &crate::residency::ParamSpec) -> Result<Tensor> {
+            Ok(self.0[&spec.name].to_dtype(self.1)?)
+        }
+        fn contains(&self, name: &str) -> bool {
+            self.0.contains_key(name)
+        }
+        fn device(&self) -> Device {
+            Device::Cpu
+        }
+        fn dtype(&self) -> DType {
+            self.1
+        }
+    }
+
+    /// The composed fallback (other devices and dtypes) equals the fused CPU kernel.
+    #[test]
+    fn conv_fallback_equals_fused_kernel() {
+        let dev = Device::Cpu;
+        let (n, c, h, w) = (2, 4, 7, 5);
+        let weights: std::collections::HashMap<String, Tensor> = [
+            (
+                "weight",
+                Tensor::randn(0f32, 0.3, (6, c, 3, 3), &dev).unwrap(),
+            ),
+            ("bias", Tensor::randn(0f32, 0.3, 6, &dev).unwrap()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        let x = Tensor::randn(0f32, 1.0, (n, c, h, w), &dev).unwrap();
+        let pro = conv2d::Prologue {
+            affine: Some((
+                (0..n * c).map(|i| i as f32 * 0.1).collect(),
+                vec![0.2; n * c],
+            )),
+            silu: true,
+            upsample: 2,
+        };
+        let padding = conv2d::Padding {
+            top: 0,
+            bottom: 1,
+            left: 0,
+            right: 1,
+        };
+        let run = |dtype: DType| {
+            let src = std::sync::Arc::new(Fixed(weights.clone(), dtype));
+            let conv = Conv2d::new(&ParamPath::root(src), c, 6, 3, 2, 0).with_padding(padding);
+            let x = x.to_dtype(dtype).unwrap();
+            let res = Tensor::ones((n, 6, h, w), dtype, &dev).unwrap();
+            assert_eq!(conv.fusable(&x), dtype == DType::F32);
+            conv.forward_ext(&x, &pro, Some(&res))
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap()
+        };
+        let d = (run(DType::F32) - run(DType::F64))
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap();
+        assert!(d.to_scalar::<f32>().unwrap() < 1e-5);
+    }
 
     #[test]
     fn chunked_attention_equals_whole() {

@@ -4,7 +4,7 @@
 use candle_core::Tensor;
 
 use crate::error::Result;
-use crate::layers::conv2d::Prologue;
+use crate::layers::conv2d::{Padding, Prologue};
 use crate::layers::{attention, Conv2d, GroupNorm, LayerNorm, Linear};
 use crate::residency::{ParamPath, UnitScope};
 
@@ -306,33 +306,34 @@ impl Transformer2D {
     }
 }
 
-/// `Downsample2D` with a strided 3x3 conv. `padding == 0` pads right/bottom by one first (VAE).
+/// `Downsample2D` with a strided 3x3 conv. `padding == 0` pads right/bottom by one (VAE): the
+/// conv pads asymmetrically itself, so no padded copy of the input is made.
 pub struct Downsample2D {
     unit: UnitScope,
     conv: Conv2d,
-    padding: usize,
 }
 
 impl Downsample2D {
     pub fn new(pp: &ParamPath, channels: usize, padding: usize) -> Self {
+        let conv = Conv2d::new(&pp.pp("conv"), channels, channels, 3, 2, padding);
+        let conv = if padding == 0 {
+            conv.with_padding(Padding {
+                top: 0,
+                bottom: 1,
+                left: 0,
+                right: 1,
+            })
+        } else {
+            conv
+        };
         Self {
             unit: UnitScope::new(pp),
-            conv: Conv2d::new(&pp.pp("conv"), channels, channels, 3, 2, padding),
-            padding,
+            conv,
         }
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.unit.run(|| self.forward_inner(x))
-    }
-
-    fn forward_inner(&self, x: &Tensor) -> Result<Tensor> {
-        if self.padding == 0 {
-            let x = x.pad_with_zeros(3, 0, 1)?.pad_with_zeros(2, 0, 1)?;
-            self.conv.forward(&x)
-        } else {
-            self.conv.forward(x)
-        }
+        self.unit.run(|| self.conv.forward(x))
     }
 }
 
