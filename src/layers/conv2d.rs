@@ -244,13 +244,6 @@ fn run(
         Parallelism::None
     };
 
-    // Weights tap-major, `[ky·k + kx][co][ci]`: each tap's matrix is contiguous, which the GEMM
-    // packs faster than a stride-k² view.
-    let mut wt = vec![0f32; ws.len()];
-    for (i, &v) in ws.iter().enumerate() {
-        let (row, tap) = (i / (k * k), i % (k * k));
-        wt[tap * c_out * c_in_g + row] = v;
-    }
     let mut out = vec![0f32; n * c_out * h_out * w_out];
     let mut inp = Vec::<f32>::new();
     let mut acc = Vec::<f32>::new();
@@ -330,8 +323,10 @@ fn run(
                     None => row.fill(b0),
                 }
             }
-            // Output pixels are the GEMM's rows (the vectorised dimension, read straight from
-            // the input planes) and output channels its columns.
+            // With more pixels than output channels, pixels are the GEMM's rows (the vectorised
+            // dimension, read straight from the input planes); on small maps (the UNet's inner
+            // levels) output channels are, or the microkernel would run mostly empty.
+            let pixel_rows = acc_stride >= c_out_g;
             let taps = |acc: AccPtr, j0: usize, m: usize, par: Parallelism| {
                 for gi in 0..groups {
                     for ky in 0..k {
@@ -342,36 +337,31 @@ fn run(
                                 + qy * wq
                                 + qx
                                 + j0;
-                            let rhs = (ky * k + kx) * c_out * c_in_g + gi * c_out_g * c_in_g;
+                            let rhs = gi * c_out_g * c_in_g * k * k + ky * k + kx;
                             // SAFETY: lhs reads phase (ry, rx), channel gi·c_in_g + ci (ci <
                             // c_in_g), elements qy·wq + qx + j for j0 <= j < j0 + m <= r·wq,
                             // which stays below ch_stride since qmax·wq + qmax + r·wq <=
-                            // (r + qmax)·wq + slack; rhs reads tap (ky, kx)'s weights of group
-                            // gi, c_out_g × c_in_g; dst is acc[gi·c_out_g + co][j0 + j], and
+                            // (r + qmax)·wq + slack; rhs reads w[co, ci, ky, kx] for group gi's
+                            // c_out_g × c_in_g weights; dst is acc[gi·c_out_g + co][j0 + j], and
                             // callers give concurrent calls disjoint j ranges. Inputs are
                             // only read.
+                            let (a, st) = (acc_stride as isize, ch_stride as isize);
+                            // Weight strides: between output channels, between input channels.
+                            let (wo, wi) = ((c_in_g * k * k) as isize, (k * k) as isize);
                             unsafe {
-                                gemm(
-                                    m,
-                                    c_out_g,
-                                    c_in_g,
-                                    acc.0.add(gi * c_out_g * acc_stride + j0),
-                                    acc_stride as isize,
-                                    1,
-                                    true,
-                                    inp.as_ptr().add(lhs),
-                                    ch_stride as isize,
-                                    1,
-                                    wt.as_ptr().add(rhs),
-                                    c_in_g as isize,
-                                    1,
-                                    1.0f32,
-                                    1.0f32,
-                                    false,
-                                    false,
-                                    false,
-                                    par,
-                                );
+                                let dst = acc.0.add(gi * c_out_g * acc_stride + j0);
+                                let (w, x) = (ws.as_ptr().add(rhs), inp.as_ptr().add(lhs));
+                                // gemm(m, n, k, dst, dst_cs, dst_rs, read_dst, lhs, lhs_cs,
+                                // lhs_rs, rhs, rhs_cs, rhs_rs, alpha, beta, conj.., par)
+                                if pixel_rows {
+                                    #[rustfmt::skip]
+                                    gemm(m, c_out_g, c_in_g, dst, a, 1, true, x, st, 1, w, wo, wi,
+                                         1.0f32, 1.0f32, false, false, false, par);
+                                } else {
+                                    #[rustfmt::skip]
+                                    gemm(c_out_g, m, c_in_g, dst, 1, a, true, w, wi, wo, x, 1, st,
+                                         1.0f32, 1.0f32, false, false, false, par);
+                                }
                             }
                         }
                     }
@@ -486,12 +476,14 @@ mod tests {
         }
     }
 
-    /// Chunks of at least 8 pixel blocks are split across threads: cover that path, with a
-    /// last block narrower than the others.
+    /// Both GEMM orientations (fewer pixels than output channels, and more) and chunks of at
+    /// least 8 pixel blocks, which are split across threads with a narrower last block.
     #[test]
-    fn large_chunks_split_across_threads_match_candle() {
+    fn both_orientations_and_split_chunks_match_candle() {
         let dev = Device::Cpu;
         for (c_in, c_out, hw, spec) in [
+            (8, 64, 4, ConvSpec::new(1, 1, 1)),
+            (8, 96, 5, ConvSpec::new(2, 1, 4)),
             (3, 5, 100, ConvSpec::new(1, 1, 1)),
             (4, 6, 201, ConvSpec::new(2, 1, 2)),
         ] {
