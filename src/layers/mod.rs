@@ -299,6 +299,20 @@ fn attention_chunk(q: &Tensor, k_t: &Tensor, v: &Tensor, mask: Option<&Tensor>) 
     Ok(probs.matmul(v)?)
 }
 
+/// The largest absolute difference between two tensors of the same shape (kernel tests).
+#[cfg(test)]
+pub(crate) fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .and_then(|d| {
+            d.abs()?
+                .flatten_all()?
+                .max(0)?
+                .to_dtype(DType::F32)?
+                .to_scalar()
+        })
+        .expect("tensors of one shape")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -363,15 +377,7 @@ mod tests {
                 .to_dtype(DType::F32)
                 .unwrap()
         };
-        let d = (run(DType::F32) - run(DType::F64))
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap();
-        assert!(d.to_scalar::<f32>().unwrap() < 1e-5);
+        assert!(max_abs_diff(&run(DType::F32), &run(DType::F64)) < 1e-5);
     }
 
     #[test]
@@ -383,14 +389,6 @@ mod tests {
         let v = Tensor::randn(0f32, 1.0, (1, 4096, 8), &dev).unwrap();
         let chunked = attention(&q, &k, &v, None).unwrap();
         let whole = attention_chunk(&q, &k.t().unwrap().contiguous().unwrap(), &v, None).unwrap();
-        let d = (chunked - whole)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap();
-        assert!(d.to_scalar::<f32>().unwrap() < 1e-6);
+        assert!(max_abs_diff(&chunked, &whole) < 1e-6);
     }
 }

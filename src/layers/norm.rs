@@ -135,16 +135,8 @@ mod tests {
                     reference.clone()
                 };
                 let got = group_norm(&x, g, &gamma, &beta, 1e-6, silu).unwrap();
-                let d = (got - &want)
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .max(0)
-                    .unwrap();
                 assert!(
-                    d.to_scalar::<f32>().unwrap() < 2e-5,
+                    crate::layers::max_abs_diff(&got, &want) < 2e-5,
                     "{n} {c} {h} {w} {g} silu={silu}"
                 );
             }
