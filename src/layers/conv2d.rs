@@ -166,68 +166,36 @@ pub fn conv2d_ext(
         }
     }
     let bias = b.map(|b| b.to_vec1::<f32>()).transpose()?;
-    let geo = Geometry {
-        n,
-        c_in,
-        h0,
-        w0,
-        u,
-        c_out,
-        k,
-        s,
-        groups,
-        pad,
-        h_out,
-        w_out,
-    };
+    let (x_dims, w_dims) = ((n, c_in, h0, w0), (c_out, k));
     let out = with_f32(x, |xs| {
         with_f32(w, |ws| match residual {
-            Some(r) => with_f32(r, |rs| run(xs, ws, bias.as_deref(), Some(rs), pro, &geo)),
-            None => run(xs, ws, bias.as_deref(), None, pro, &geo),
+            Some(r) => with_f32(r, |rs| {
+                run(xs, ws, bias.as_deref(), Some(rs), pro, spec, x_dims, w_dims)
+            }),
+            None => run(xs, ws, bias.as_deref(), None, pro, spec, x_dims, w_dims),
         })
     })?;
     Ok(Tensor::from_vec(out, (n, c_out, h_out, w_out), x.device())?)
 }
 
-struct Geometry {
-    n: usize,
-    c_in: usize,
-    /// Stored input size; the logical input is `u` times larger.
-    h0: usize,
-    w0: usize,
-    u: usize,
-    c_out: usize,
-    k: usize,
-    s: usize,
-    groups: usize,
-    pad: Padding,
-    h_out: usize,
-    w_out: usize,
-}
-
+/// The convolution itself, on validated sizes: `x_dims` is the stored input (n, c_in, h, w),
+/// `w_dims` the weight's (c_out, k).
+#[allow(clippy::too_many_arguments)]
 fn run(
     xs: &[f32],
     ws: &[f32],
     bias: Option<&[f32]>,
     residual: Option<&[f32]>,
     pro: &Prologue,
-    g: &Geometry,
+    spec: &ConvSpec,
+    (n, c_in, h0, w0): (usize, usize, usize, usize),
+    (c_out, k): (usize, usize),
 ) -> Result<Vec<f32>> {
-    let Geometry {
-        n,
-        c_in,
-        h0,
-        w0,
-        u,
-        c_out,
-        k,
-        s,
-        groups,
-        pad,
-        h_out,
-        w_out,
-    } = *g;
+    let (s, groups, pad) = (spec.stride, spec.groups, spec.padding);
+    let u = pro.upsample.max(1);
     let (h, wd) = (h0 * u, w0 * u);
+    let h_out = (h + pad.top + pad.bottom - k) / s + 1;
+    let w_out = (wd + pad.left + pad.right - k) / s + 1;
     // Tap (ky, kx) = (s·qy + ry, s·qx + rx) reads phase (ry, rx) shifted by (qy, qx).
     let qmax = (k - 1) / s;
     let wq = w_out + qmax; // phase row width = accumulator row width
