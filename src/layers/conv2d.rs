@@ -14,6 +14,7 @@ use candle_core::{DType, Device, Tensor};
 use gemm::{gemm, Parallelism};
 use rayon::prelude::*;
 
+use super::with_cpu_f32;
 use crate::error::{Error, Result};
 
 /// Scratch budget per chunk (input phases + output rows).
@@ -75,22 +76,6 @@ pub fn supported(x: &Tensor, w: &Tensor) -> bool {
         && x.rank() == 4
         && w.rank() == 4
         && w.dim(2).ok() == w.dim(3).ok()
-}
-
-/// Runs `f` on the f32 data of a contiguous CPU tensor, without copying it.
-fn with_f32<T>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<T>) -> Result<T> {
-    let t = t.contiguous()?;
-    let (storage, layout) = t.storage_and_layout();
-    match &*storage {
-        candle_core::Storage::Cpu(cpu) => {
-            let all = cpu.as_slice::<f32>()?;
-            let start = layout.start_offset();
-            f(&all[start..start + t.elem_count()])
-        }
-        _ => Err(Error::InvalidArgument(
-            "conv2d: expected a CPU tensor".into(),
-        )),
-    }
 }
 
 /// What the kernel applies to its input as it reads it, so the transformed input is never
@@ -167,9 +152,9 @@ pub fn conv2d_ext(
     }
     let bias = b.map(|b| b.to_vec1::<f32>()).transpose()?;
     let (x_dims, w_dims) = ((n, c_in, h0, w0), (c_out, k));
-    let out = with_f32(x, |xs| {
-        with_f32(w, |ws| match residual {
-            Some(r) => with_f32(r, |rs| {
+    let out = with_cpu_f32(x, |xs| {
+        with_cpu_f32(w, |ws| match residual {
+            Some(r) => with_cpu_f32(r, |rs| {
                 run(xs, ws, bias.as_deref(), Some(rs), pro, spec, x_dims, w_dims)
             }),
             None => run(xs, ws, bias.as_deref(), None, pro, spec, x_dims, w_dims),

@@ -100,6 +100,23 @@ impl Conv2d {
     }
 }
 
+/// Runs `f` on the f32 data of a CPU tensor: in place when it is contiguous, otherwise on one
+/// contiguous copy. The CPU kernels (`conv2d`, `norm`) read their inputs through this.
+pub(crate) fn with_cpu_f32<T>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<T>) -> Result<T> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    match &*storage {
+        candle_core::Storage::Cpu(cpu) => {
+            let all = cpu.as_slice::<f32>()?;
+            let start = layout.start_offset();
+            f(&all[start..start + t.elem_count()])
+        }
+        _ => Err(crate::error::Error::InvalidArgument(
+            "CPU kernel: expected a CPU tensor".into(),
+        )),
+    }
+}
+
 /// The prologue of a fused conv as separate ops, for devices and dtypes the fused kernel does
 /// not cover.
 fn compose_prologue(x: &Tensor, pro: &conv2d::Prologue) -> Result<Tensor> {

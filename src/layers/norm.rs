@@ -5,6 +5,7 @@
 use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
 
+use super::with_cpu_f32;
 use crate::error::{Error, Result};
 
 pub fn supported(x: &Tensor) -> bool {
@@ -31,35 +32,24 @@ pub fn coefficients(
     let cg = c / groups;
     let gamma = gamma.to_dtype(DType::F32)?.to_vec1::<f32>()?;
     let beta = beta.to_dtype(DType::F32)?.to_vec1::<f32>()?;
-    let x = x.contiguous()?;
-    let (storage, layout) = x.storage_and_layout();
-    let src = match &*storage {
-        candle_core::Storage::Cpu(cpu) => {
-            let all = cpu.as_slice::<f32>()?;
-            &all[layout.start_offset()..layout.start_offset() + n * c * hw]
-        }
-        _ => {
-            return Err(Error::InvalidArgument(
-                "group_norm: expected a CPU tensor".into(),
-            ))
-        }
-    };
     let len = cg * hw;
-    let stats: Vec<(f64, f64)> = src
-        .par_chunks(len)
-        .map(|s| {
-            let mean = s.iter().map(|&v| v as f64).sum::<f64>() / len as f64;
-            let var = s
-                .iter()
-                .map(|&v| {
-                    let d = v as f64 - mean;
-                    d * d
-                })
-                .sum::<f64>()
-                / len as f64;
-            (mean, 1.0 / (var + eps).sqrt())
-        })
-        .collect();
+    let stats: Vec<(f64, f64)> = with_cpu_f32(x, |src| {
+        Ok(src
+            .par_chunks(len)
+            .map(|s| {
+                let mean = s.iter().map(|&v| v as f64).sum::<f64>() / len as f64;
+                let var = s
+                    .iter()
+                    .map(|&v| {
+                        let d = v as f64 - mean;
+                        d * d
+                    })
+                    .sum::<f64>()
+                    / len as f64;
+                (mean, 1.0 / (var + eps).sqrt())
+            })
+            .collect())
+    })?;
     let mut a = Vec::with_capacity(n * c);
     let mut b = Vec::with_capacity(n * c);
     for bi in 0..n {
@@ -81,34 +71,25 @@ pub fn group_norm(
     eps: f64,
     silu: bool,
 ) -> Result<Tensor> {
-    let (a, b) = coefficients(x, groups, gamma, beta, eps)?;
+    // One contiguous view for both passes.
+    let x = x.contiguous()?;
+    let (a, b) = coefficients(&x, groups, gamma, beta, eps)?;
     let dims = x.dims().to_vec();
     let hw: usize = dims[2..].iter().product();
-    let x = x.contiguous()?;
-    let (storage, layout) = x.storage_and_layout();
-    let src = match &*storage {
-        candle_core::Storage::Cpu(cpu) => {
-            let all = cpu.as_slice::<f32>()?;
-            &all[layout.start_offset()..layout.start_offset() + x.elem_count()]
-        }
-        _ => {
-            return Err(Error::InvalidArgument(
-                "group_norm: expected a CPU tensor".into(),
-            ))
-        }
-    };
     let mut out = vec![0f32; x.elem_count()];
-    out.par_chunks_mut(hw)
-        .zip(src.par_chunks(hw))
-        .enumerate()
-        .for_each(|(i, (o, s))| {
-            let (a, b) = (a[i], b[i]);
-            for (ov, &sv) in o.iter_mut().zip(s) {
-                let y = sv * a + b;
-                *ov = if silu { y / (1.0 + (-y).exp()) } else { y };
-            }
-        });
-    drop(storage);
+    with_cpu_f32(&x, |src| {
+        out.par_chunks_mut(hw)
+            .zip(src.par_chunks(hw))
+            .enumerate()
+            .for_each(|(i, (o, s))| {
+                let (a, b) = (a[i], b[i]);
+                for (ov, &sv) in o.iter_mut().zip(s) {
+                    let y = sv * a + b;
+                    *ov = if silu { y / (1.0 + (-y).exp()) } else { y };
+                }
+            });
+        Ok(())
+    })?;
     Ok(Tensor::from_vec(out, dims, x.device())?)
 }
 
