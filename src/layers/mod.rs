@@ -213,6 +213,31 @@ impl LayerNorm {
     }
 }
 
+/// Root-mean-square norm with a learned scale and no bias or mean subtraction: T5's
+/// `T5LayerNorm` and diffusers' `RMSNorm` (FLUX's QK norm). Statistics in f32, as both do.
+pub struct RmsNorm {
+    weight: Param,
+    eps: f64,
+}
+
+impl RmsNorm {
+    pub fn new(pp: &ParamPath, dim: usize, eps: f64) -> Self {
+        Self {
+            weight: pp.param("weight", &[dim]),
+            eps,
+        }
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dtype = x.dtype();
+        let xf = x.to_dtype(DType::F32)?;
+        let var = xf.sqr()?.mean_keepdim(D::Minus1)?;
+        let y = xf.broadcast_mul(&(var + self.eps)?.sqrt()?.recip()?)?;
+        let w = self.weight.get()?;
+        Ok(y.to_dtype(w.dtype())?.broadcast_mul(&w)?.to_dtype(dtype)?)
+    }
+}
+
 pub struct Embedding {
     weight: Param,
     dim: usize,
@@ -271,6 +296,19 @@ impl Activation {
 
 /// Scaled dot-product attention over (batch, heads, seq, head_dim), softmax in f32.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+    let scale = 1.0 / (q.dim(D::Minus1)? as f64).sqrt();
+    attention_scaled(q, k, v, mask, scale)
+}
+
+/// [`attention`] with an explicit score scale (T5 does not scale its scores: pass 1.0). `mask`
+/// is added to the scores (an additive bias, e.g. T5's relative position bias).
+pub fn attention_scaled(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    scale: f64,
+) -> Result<Tensor> {
     // Softmax rows are independent, so long query sequences run in chunks whose score matrix
     // stays under ATTN_CHUNK_BYTES (the VAE's 128x128-latent attention would otherwise need a
     // 16384 x 16384 matrix at once). Chunking does not change a single value.
@@ -283,7 +321,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> R
     let k_t = k.t()?.contiguous()?;
     let v = v.contiguous()?;
     if rows >= q_len {
-        return attention_chunk(q, &k_t, &v, mask);
+        return attention_chunk(q, &k_t, &v, mask, scale);
     }
     let mut outs = Vec::new();
     let mut start = 0;
@@ -294,21 +332,30 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> R
             Some(m) if m.dim(D::Minus2)? == q_len => Some(m.narrow(m.rank() - 2, start, n)?),
             other => other.cloned(),
         };
-        outs.push(attention_chunk(&qc, &k_t, &v, mc.as_ref())?);
+        outs.push(attention_chunk(&qc, &k_t, &v, mc.as_ref(), scale)?);
         start += n;
     }
     Ok(Tensor::cat(&outs, q.rank() - 2)?)
 }
 
-fn attention_chunk(q: &Tensor, k_t: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+fn attention_chunk(
+    q: &Tensor,
+    k_t: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    scale: f64,
+) -> Result<Tensor> {
     let dtype = q.dtype();
-    let scale = 1.0 / (q.dim(D::Minus1)? as f64).sqrt();
     let (q, k_t) = if dtype == DType::F32 {
         (q.clone(), k_t.clone())
     } else {
         (q.to_dtype(DType::F32)?, k_t.to_dtype(DType::F32)?)
     };
-    let mut scores = (q * scale)?.matmul(&k_t)?;
+    let mut scores = if scale == 1.0 {
+        q.matmul(&k_t)?
+    } else {
+        (q * scale)?.matmul(&k_t)?
+    };
     if let Some(m) = mask {
         scores = scores.broadcast_add(m)?;
     }
