@@ -12,19 +12,33 @@ pub enum Error {
         hint: String,
     },
 
-    #[error("cannot read {path}: {source}")]
+    // Causes are part of the message and deliberately not `#[source]`: the CLI prints the
+    // whole chain, and a source would print the same text twice.
+    #[error("cannot read {path}: {cause}")]
     Io {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
 
-    #[error("invalid JSON in {path}: {source}")]
+    #[error("invalid JSON in {path}: {cause}")]
     Json {
         path: PathBuf,
-        #[source]
-        source: serde_json::Error,
+        cause: serde_json::Error,
     },
+
+    #[error("cannot write {path}: {reason}")]
+    Write { path: PathBuf, reason: String },
+
+    #[error("not enough memory: {what} needs about {needed}, but {available} {hint}")]
+    InsufficientMemory {
+        what: String,
+        needed: String,
+        available: String,
+        hint: String,
+    },
+
+    #[error("non-finite values (NaN or infinity): {0}")]
+    NonFinite(String),
 
     #[error("corrupt or truncated safetensors file {path}: {reason}")]
     CorruptSafetensors { path: PathBuf, reason: String },
@@ -77,16 +91,27 @@ pub enum Error {
     },
 
     #[error("tensor computation failed: {0}")]
-    Candle(#[from] candle_core::Error),
+    Candle(candle_core::Error),
+}
+
+impl From<candle_core::Error> for Error {
+    fn from(e: candle_core::Error) -> Self {
+        // candle wraps errors in context layers that repeat the message; keep the innermost.
+        Error::Candle(match e {
+            candle_core::Error::Context { inner, .. }
+            | candle_core::Error::WithBacktrace { inner, .. } => *inner,
+            other => other,
+        })
+    }
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
-    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+    pub fn io(path: impl Into<PathBuf>, cause: std::io::Error) -> Self {
         Error::Io {
             path: path.into(),
-            source,
+            cause,
         }
     }
 
@@ -118,8 +143,8 @@ pub fn read_json<T: serde::de::DeserializeOwned>(path: &std::path::Path) -> Resu
             Error::io(path, e)
         }
     })?;
-    serde_json::from_slice(&bytes).map_err(|source| Error::Json {
+    serde_json::from_slice(&bytes).map_err(|cause| Error::Json {
         path: path.to_path_buf(),
-        source,
+        cause,
     })
 }

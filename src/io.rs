@@ -1,9 +1,11 @@
 //! Files in and out: PNG images and safetensors tensor files given on the command line.
 
 use std::collections::HashMap;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
+use image::ImageEncoder;
 
 use crate::error::{Error, Result};
 use crate::weights::WeightStore;
@@ -29,6 +31,39 @@ pub fn read_single_tensor(path: &Path, device: &Device) -> Result<Tensor> {
     store.load(&name, &shape, DType::F32, device)
 }
 
+/// The one output writer: `bytes` go to a temporary file beside `path`, are synced, and the file
+/// is renamed into place, so an existing file survives any failure (a full disk, a bad path) and
+/// no partial file is left. Permissions follow the user's umask, as for any new file.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let fail = |reason: String| Error::Write {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let name = path
+        .file_name()
+        .ok_or_else(|| fail("not a file name".into()))?
+        .to_string_lossy();
+    let tmp = dir.join(format!(".{name}.lowtide-{}.tmp", std::process::id()));
+    let written = (|| -> std::io::Result<()> {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    written.map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        fail(e.to_string())
+    })
+}
+
 /// Writes named tensors as f32 safetensors.
 pub fn save_tensors(path: &Path, tensors: &[(&str, &Tensor)]) -> Result<()> {
     let mut map = HashMap::new();
@@ -40,10 +75,11 @@ pub fn save_tensors(path: &Path, tensors: &[(&str, &Tensor)]) -> Result<()> {
                 .contiguous()?,
         );
     }
-    candle_core::safetensors::save(&map, path).map_err(|e| Error::Image {
+    let bytes = safetensors::serialize(&map, None).map_err(|e| Error::Write {
         path: path.to_path_buf(),
-        reason: format!("cannot write tensors: {e}"),
-    })
+        reason: format!("cannot serialise tensors: {e}"),
+    })?;
+    write_atomic(path, &bytes)
 }
 
 /// Loads a PNG (or any format the `image` crate reads) as (1, 3, H, W) in [-1, 1], dropping alpha
@@ -118,10 +154,19 @@ pub fn save_images(images: &Tensor, out: &Path) -> Result<Vec<PathBuf>> {
                 path: p.clone(),
                 reason: "pixel buffer has the wrong size".into(),
             })?;
-        buf.save(p).map_err(|e| Error::Image {
-            path: p.clone(),
-            reason: format!("cannot write PNG: {e}"),
-        })?;
+        let mut png = Vec::new();
+        image::codecs::png::PngEncoder::new(&mut png)
+            .write_image(
+                buf.as_raw(),
+                w as u32,
+                h as u32,
+                image::ExtendedColorType::Rgb8,
+            )
+            .map_err(|e| Error::Write {
+                path: p.clone(),
+                reason: format!("cannot encode PNG: {e}"),
+            })?;
+        write_atomic(p, &png)?;
     }
     Ok(paths)
 }

@@ -14,6 +14,7 @@ pub mod residency;
 pub mod rng;
 pub mod schedulers;
 pub mod tokenizer;
+pub mod validate;
 pub mod weights;
 
 pub use error::{Error, Result};

@@ -8,7 +8,9 @@ use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use lowtide::device::{parse_device, parse_dtype};
-use lowtide::io::{read_image, read_image_arg, read_single_tensor, save_images, save_tensors};
+use lowtide::io::{
+    read_image, read_image_arg, read_single_tensor, save_images, save_tensors, write_atomic,
+};
 use lowtide::models::{VaeMemory, VaeOptions};
 use lowtide::pipelines::stable_diffusion::decode_or_retry_tiled;
 use lowtide::pipelines::{
@@ -17,6 +19,7 @@ use lowtide::pipelines::{
 };
 use lowtide::residency::device_map::{parse_bytes, parse_max_memory};
 use lowtide::residency::{DeviceMap, Strategy};
+use lowtide::validate::{arg_f32, output_path};
 
 const MIB: f64 = 1024.0 * 1024.0;
 use lowtide::schedulers::SchedulerKind;
@@ -96,6 +99,13 @@ impl ModelArgs {
     fn open(&self) -> Result<(PathBuf, LoadOptions)> {
         let device = parse_device(&self.device)?;
         let dtype = parse_dtype(&self.dtype)?;
+        if device.is_cpu() && dtype != candle_core::DType::F32 {
+            anyhow::bail!(
+                "--dtype {}: CPU compute supports f32 only (f16/bf16 weights are converted to \
+                 f32 as they are read; drop --dtype, or use --device cuda)",
+                self.dtype
+            );
+        }
         let root = resolve_model(&self.model, self.variant.as_deref())
             .with_context(|| format!("cannot find model `{}`", self.model))?;
         let opts = LoadOptions {
@@ -217,6 +227,18 @@ struct MemoryArgs {
 
 impl MemoryArgs {
     fn strategy(&self) -> Result<Strategy> {
+        let group = self.offload == "group";
+        if !group && (self.blocks_per_group != 1 || self.no_prefetch) {
+            anyhow::bail!(
+                "--blocks-per-group and --no-prefetch apply to --offload group only (got --offload {})",
+                self.offload
+            );
+        }
+        if self.offload == "none" && !self.keep_on_device.is_empty() {
+            anyhow::bail!(
+                "--keep-on-device keeps a component out of offloading; it needs --offload model, sequential or group"
+            );
+        }
         Ok(match self.offload.as_str() {
             "none" => Strategy::None,
             "model" => Strategy::Model,
@@ -276,7 +298,15 @@ fn main() -> ExitCode {
 }
 
 fn generate(args: GenerateArgs) -> Result<()> {
-    // Check cheap arguments before loading gigabytes.
+    // Check cheap arguments and every output path before loading gigabytes.
+    output_path("--out", &args.out, &["png"])?;
+    if let Some(p) = &args.save_tensors {
+        output_path("--save-tensors", p, &["safetensors"])?;
+    }
+    if let Some(p) = &args.memory.report {
+        output_path("--report", p, &["json"])?;
+    }
+    arg_f32("--guidance", args.guidance)?;
     let scheduler = args
         .scheduler
         .as_deref()
@@ -309,14 +339,38 @@ fn generate(args: GenerateArgs) -> Result<()> {
         .map(|p| read_image(p, &device))
         .transpose()
         .context("cannot use --init-image")?;
+    if let (Some(img), Some(path)) = (&init_image, &args.init_image) {
+        let (_, _, h, w) = img.dims4()?;
+        if args.width.is_some_and(|x| x != w) || args.height.is_some_and(|x| x != h) {
+            anyhow::bail!(
+                "--width/--height ({}x{}) differ from --init-image {} ({w}x{h}); img2img keeps \
+                 the image's size: drop --width/--height or resize the image",
+                args.width.unwrap_or(w),
+                args.height.unwrap_or(h),
+                path.display()
+            );
+        }
+    }
     let latents = args
         .latents
         .as_deref()
-        .map(|p| read_single_tensor(p, &device))
-        .transpose()
-        .context("cannot use --latents")?;
+        .map(|p| read_latents(p, &device))
+        .transpose()?;
     let mut pipe = StableDiffusion::load(&root, opts)
         .with_context(|| format!("cannot load the pipeline in {}", root.display()))?;
+    if let (Some(img), Some(path)) = (&init_image, &args.init_image) {
+        let (_, _, h, w) = img.dims4()?;
+        let m = pipe.size_multiple();
+        if h % m != 0 || w % m != 0 {
+            anyhow::bail!(
+                "--init-image {} is {w}x{h}; img2img needs sides that are multiples of {m}: \
+                 resize or crop it (diffusers would resize it to {}x{})",
+                path.display(),
+                w - w % m,
+                h - h % m
+            );
+        }
+    }
     let plan = OffloadPlan {
         keep_on_device: args.memory.keep_on_device.clone(),
         ..OffloadPlan::uniform(strategy)
@@ -361,6 +415,20 @@ fn generate(args: GenerateArgs) -> Result<()> {
         usage.stall_seconds,
         usage.wall_seconds
     );
+    for p in save_images(&out.image, &args.out)? {
+        eprintln!("wrote {}", p.display());
+    }
+    if let Some(path) = &args.save_tensors {
+        save_tensors(
+            path,
+            &[
+                ("prompt_embeds", &out.prompt_embeds),
+                ("final_latents", &out.final_latents),
+                ("image", &out.image),
+            ],
+        )?;
+        eprintln!("wrote {}", path.display());
+    }
     if let Some(path) = &args.memory.report {
         let mut v = serde_json::to_value(&usage)?;
         v["strategy"] = strategy.name().into();
@@ -378,25 +446,31 @@ fn generate(args: GenerateArgs) -> Result<()> {
             Some(m) => serde_json::to_value(&m.placement)?,
             None => serde_json::Value::Null,
         };
-        std::fs::write(path, serde_json::to_string_pretty(&v)?)
-            .with_context(|| format!("cannot write {}", path.display()))?;
-    }
-
-    for p in save_images(&out.image, &args.out)? {
-        eprintln!("wrote {}", p.display());
-    }
-    if let Some(path) = &args.save_tensors {
-        save_tensors(
-            path,
-            &[
-                ("prompt_embeds", &out.prompt_embeds),
-                ("final_latents", &out.final_latents),
-                ("image", &out.image),
-            ],
-        )?;
+        write_atomic(path, serde_json::to_string_pretty(&v)?.as_bytes())?;
         eprintln!("wrote {}", path.display());
     }
+
     Ok(())
+}
+
+/// `--latents`: one finite (B, C, h, w) tensor with B ≥ 1.
+fn read_latents(
+    path: &std::path::Path,
+    device: &candle_core::Device,
+) -> Result<candle_core::Tensor> {
+    let t = read_single_tensor(path, device)
+        .with_context(|| format!("cannot use --latents {}", path.display()))?;
+    if t.rank() != 4 || t.dim(0)? == 0 {
+        anyhow::bail!(
+            "--latents {} holds a tensor of shape {:?}; expected (B, C, h, w) with B >= 1",
+            path.display(),
+            t.dims()
+        );
+    }
+    lowtide::validate::finite(&t, || {
+        format!("--latents {} holds NaN or infinite values", path.display())
+    })?;
+    Ok(t)
 }
 
 fn vae(command: VaeCommand) -> Result<()> {
@@ -408,8 +482,12 @@ fn vae(command: VaeCommand) -> Result<()> {
             out,
             vae: vae_args,
         } => {
+            output_path("--save-tensors", &dst, &["safetensors"])?;
+            if let Some(o) = &out {
+                output_path("--out", o, &["png"])?;
+            }
             let (root, opts) = model.open()?;
-            let z = read_single_tensor(&latents, &opts.device).context("cannot use --latents")?;
+            let z = read_latents(&latents, &opts.device)?;
             let (vae, _) = load_vae(&root, &opts)
                 .with_context(|| format!("cannot load the VAE of {}", root.display()))?;
             let (b, _, h, w) = z.dims4()?;
@@ -432,8 +510,10 @@ fn vae(command: VaeCommand) -> Result<()> {
             save_tensors: dst,
             vae: vae_args,
         } => {
+            output_path("--save-tensors", &dst, &["safetensors"])?;
             let (root, opts) = model.open()?;
-            let x = read_image_arg(&image, &opts.device).context("cannot use --image")?;
+            let x = read_image_arg(&image, &opts.device)
+                .with_context(|| format!("cannot use --image {}", image.display()))?;
             let (vae, _) = load_vae(&root, &opts)
                 .with_context(|| format!("cannot load the VAE of {}", root.display()))?;
             let (b, _, h, w) = x.dims4()?;

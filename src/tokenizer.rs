@@ -162,6 +162,36 @@ impl ClipTokenizer {
         self.inner.get_vocab_size(true)
     }
 
+    /// The largest token id the tokenizer can produce (added tokens included).
+    pub fn max_id(&self) -> u32 {
+        self.inner
+            .get_vocab(true)
+            .values()
+            .copied()
+            .chain([self.bos, self.eos, self.pad])
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// The text that [`Self::encode_padded`] drops to fit `max_len` tokens, if any (diffusers
+    /// warns with it).
+    pub fn truncated_part(&self, text: &str) -> Result<Option<String>> {
+        let enc = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| Error::Tokenizer(format!("cannot tokenize {text:?}: {e}")))?;
+        let keep = self.max_len.saturating_sub(2);
+        let ids = enc.get_ids();
+        if ids.len() <= keep {
+            return Ok(None);
+        }
+        let cut = self
+            .inner
+            .decode(&ids[keep..], true)
+            .map_err(|e| Error::Tokenizer(format!("cannot decode {text:?}: {e}")))?;
+        Ok(Some(cut))
+    }
+
     /// `tokenizer(text, padding="max_length", max_length=max_len, truncation=True)` ids.
     pub fn encode_padded(&self, text: &str) -> Result<Vec<u32>> {
         let enc = self

@@ -452,7 +452,8 @@ mod tests {
         let k = Tensor::randn(0f32, 1.0, (1, 4096, 8), &dev).unwrap();
         let v = Tensor::randn(0f32, 1.0, (1, 4096, 8), &dev).unwrap();
         let chunked = attention(&q, &k, &v, None).unwrap();
-        let whole = attention_chunk(&q, &k.t().unwrap().contiguous().unwrap(), &v, None).unwrap();
+        let k_t = k.t().unwrap().contiguous().unwrap();
+        let whole = attention_chunk(&q, &k_t, &v, None, 1.0 / 8f64.sqrt()).unwrap();
         assert!(max_abs_diff(&chunked, &whole) < 1e-6);
     }
 }

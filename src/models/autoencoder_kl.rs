@@ -87,6 +87,31 @@ impl AutoencoderKLConfig {
     }
 
     fn validate(&self) -> Result<()> {
+        use crate::validate::{config_f32, count, counts};
+        count(FILE, "in_channels", self.in_channels, 1, 64)?;
+        count(FILE, "out_channels", self.out_channels, 1, 64)?;
+        count(FILE, "latent_channels", self.latent_channels, 1, 1024)?;
+        count(FILE, "layers_per_block", self.layers_per_block, 1, 64)?;
+        count(FILE, "norm_num_groups", self.norm_num_groups, 1, 1 << 16)?;
+        count(FILE, "sample_size", self.sample_size, 1, 1 << 16)?;
+        count(
+            FILE,
+            "block_out_channels",
+            self.block_out_channels.len(),
+            1,
+            12,
+        )?;
+        counts(
+            FILE,
+            "block_out_channels",
+            &self.block_out_channels,
+            1,
+            1 << 16,
+        )?;
+        config_f32(FILE, "scaling_factor", self.scaling_factor, false)?;
+        if let Some(s) = self.shift_factor {
+            config_f32(FILE, "shift_factor", s, true)?;
+        }
         let n = self.block_out_channels.len();
         if n == 0 || self.down_block_types.len() != n || self.up_block_types.len() != n {
             return Err(Error::unsupported(

@@ -82,6 +82,28 @@ pub struct ClipTextModel {
 impl ClipTextModel {
     pub fn new(pp: &ParamPath, cfg: &ClipTextConfig) -> Result<Self> {
         let file = "text_encoder/config.json";
+        {
+            use crate::validate::{config_f32, count};
+            count(file, "vocab_size", cfg.vocab_size, 1, 1 << 24)?;
+            count(file, "hidden_size", cfg.hidden_size, 1, 1 << 16)?;
+            count(file, "intermediate_size", cfg.intermediate_size, 1, 1 << 18)?;
+            count(file, "num_hidden_layers", cfg.num_hidden_layers, 1, 256)?;
+            count(
+                file,
+                "num_attention_heads",
+                cfg.num_attention_heads,
+                1,
+                1024,
+            )?;
+            count(
+                file,
+                "max_position_embeddings",
+                cfg.max_position_embeddings,
+                1,
+                1 << 16,
+            )?;
+            config_f32(file, "layer_norm_eps", cfg.layer_norm_eps, false)?;
+        }
         if let Some(arch) = &cfg.architectures {
             if let Some(a) = arch.iter().find(|a| a.as_str() != "CLIPTextModel") {
                 return Err(crate::Error::unsupported(

@@ -202,6 +202,54 @@ impl UNet2DConditionConfig {
         let unsupported = |field: &str, value: String, hint: &str| {
             Err(Error::unsupported(FILE, field, value, hint.to_string()))
         };
+        use crate::validate::{count, counts};
+        let per = |field: &str, v: &PerBlock<usize>, min: usize, max: usize| match v {
+            PerBlock::One(x) => count(FILE, field, *x, min, max).map(|_| ()),
+            PerBlock::Each(xs) => counts(FILE, field, xs, min, max),
+        };
+        count(FILE, "in_channels", self.in_channels, 1, 1024)?;
+        count(FILE, "out_channels", self.out_channels, 1, 1024)?;
+        count(
+            FILE,
+            "block_out_channels",
+            self.block_out_channels.len(),
+            1,
+            12,
+        )?;
+        counts(
+            FILE,
+            "block_out_channels",
+            &self.block_out_channels,
+            1,
+            1 << 16,
+        )?;
+        count(FILE, "norm_num_groups", self.norm_num_groups, 1, 1 << 16)?;
+        count(FILE, "conv_in_kernel", self.conv_in_kernel, 1, 15)?;
+        count(FILE, "conv_out_kernel", self.conv_out_kernel, 1, 15)?;
+        count(FILE, "downsample_padding", self.downsample_padding, 0, 15)?;
+        if let Some(s) = self.sample_size {
+            count(FILE, "sample_size", s, 1, 1 << 16)?;
+        }
+        per("layers_per_block", &self.layers_per_block, 1, 64)?;
+        per(
+            "transformer_layers_per_block",
+            &self.transformer_layers_per_block,
+            1,
+            64,
+        )?;
+        per("cross_attention_dim", &self.cross_attention_dim, 1, 1 << 16)?;
+        per("attention_head_dim", &self.attention_head_dim, 1, 1 << 16)?;
+        if let Some(h) = &self.num_attention_heads {
+            per("num_attention_heads", h, 1, 1024)?;
+        }
+        for (field, v) in [
+            ("freq_shift", self.freq_shift),
+            ("norm_eps", self.norm_eps),
+            ("mid_block_scale_factor", self.mid_block_scale_factor),
+            ("resnet_out_scale_factor", self.resnet_out_scale_factor),
+        ] {
+            crate::validate::config_f32(FILE, field, v, field == "freq_shift")?;
+        }
         let n = self.block_out_channels.len();
         if n == 0 {
             return unsupported(

@@ -20,6 +20,18 @@ pub struct Tiling {
     pub overlap: f64,
 }
 
+impl Tiling {
+    /// Latent cells between tile starts (diffusers' `int(tile_latent * (1 - overlap))`).
+    ///
+    /// Each tile is cropped to exactly this stride (times the VAE factor on the pixel side), in
+    /// both directions, so the output always has the input's size. diffusers crops to
+    /// `tile - blend`, which equals the stride for its defaults (so results are identical there)
+    /// but not for every tile size and overlap, where its output comes out too large.
+    pub fn latent_step(&self) -> usize {
+        ((self.tile_latent as f64) * (1.0 - self.overlap)) as usize
+    }
+}
+
 /// How the VAE may trade speed for memory.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct VaeMemory {
@@ -53,9 +65,7 @@ impl AutoencoderKL {
             }
         };
         // int() truncation, as diffusers; a zero step would never advance.
-        if ((tile_latent as f64) * (1.0 - overlap)) as usize == 0
-            || ((tile_sample as f64) * (1.0 - overlap)) as usize == 0
-        {
+        if ((tile_latent as f64) * (1.0 - overlap)) as usize == 0 {
             return Err(Error::InvalidArgument(format!(
                 "a {tile_sample}px tile with overlap {overlap} leaves no step between tiles; use a larger tile or a smaller overlap"
             )));
@@ -89,9 +99,10 @@ impl AutoencoderKL {
         let (_, _, h, w) = z.dims4()?;
         match tiling {
             Some(t) if h > t.tile_latent || w > t.tile_latent => {
-                let step = ((t.tile_latent as f64) * (1.0 - t.overlap)) as usize;
+                let step = t.latent_step();
                 let blend = ((t.tile_sample as f64) * t.overlap) as usize;
-                tiled(z, t.tile_latent, step, blend, t.tile_sample - blend, |x| {
+                let f = self.config().scale_factor();
+                tiled(z, t.tile_latent, step, blend, step * f, |x| {
                     self.decode_raw(x)
                 })
             }
@@ -125,9 +136,10 @@ impl AutoencoderKL {
         let (_, _, h, w) = x.dims4()?;
         match tiling {
             Some(t) if h > t.tile_sample || w > t.tile_sample => {
-                let step = ((t.tile_sample as f64) * (1.0 - t.overlap)) as usize;
+                let step = t.latent_step();
                 let blend = ((t.tile_latent as f64) * t.overlap) as usize;
-                tiled(x, t.tile_sample, step, blend, t.tile_latent - blend, |x| {
+                let f = self.config().scale_factor();
+                tiled(x, t.tile_sample, step * f, blend, step, |x| {
                     self.encode_raw(x)
                 })
             }

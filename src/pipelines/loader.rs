@@ -125,6 +125,11 @@ pub fn find_in_cache(cache: &Path, repo: &str, revision: &str) -> Option<PathBuf
 /// Resolves `--model`: an existing folder, else a repo id from the local cache, else a download.
 pub fn resolve_model(arg: &str, variant: Option<&str>) -> Result<PathBuf> {
     let p = Path::new(arg);
+    if p.is_file() {
+        return Err(Error::InvalidArgument(format!(
+            "--model {arg} is a file; pass the pipeline's folder (the one holding model_index.json)"
+        )));
+    }
     if p.exists() {
         return Ok(p.to_path_buf());
     }

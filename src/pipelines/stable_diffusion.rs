@@ -233,10 +233,12 @@ impl StableDiffusion {
 
         let tokenizer =
             ClipTokenizer::from_dir(&root.join("tokenizer"), te_cfg.max_position_embeddings)?;
-        if tokenizer.vocab_size() > te_cfg.vocab_size {
+        if tokenizer.max_id() as usize >= te_cfg.vocab_size {
             return Err(Error::Tokenizer(format!(
-                "the tokenizer has {} tokens but the text encoder embeds only {}",
-                tokenizer.vocab_size(),
+                "{} has token ids up to {} but text_encoder/config.json's vocab_size is {}; \
+                 the tokenizer does not belong to this text encoder",
+                root.join("tokenizer").display(),
+                tokenizer.max_id(),
                 te_cfg.vocab_size
             )));
         }
@@ -383,12 +385,25 @@ impl StableDiffusion {
         self.vae.config().scale_factor()
     }
 
+    /// Width and height must be multiples of this: the VAE factor and diffusers' rule of 8.
+    pub fn size_multiple(&self) -> usize {
+        let f = self.vae_scale_factor();
+        8 * f / gcd(8, f)
+    }
+
     pub fn latent_channels(&self) -> usize {
         self.unet.config().in_channels
     }
 
     /// Text embeddings (1, seq, D) for one prompt, on the UNet's device.
     pub fn encode_text(&self, text: &str) -> Result<Tensor> {
+        if let Some(cut) = self.tokenizer.truncated_part(text)? {
+            eprintln!(
+                "warning: the following part of your input was truncated because CLIP can only \
+                 handle sequences up to {} tokens: {cut:?}",
+                self.tokenizer.max_len()
+            );
+        }
         let ids = self.tokenizer.encode_padded(text)?;
         let n = ids.len();
         let ids = Tensor::from_vec(ids, (1, n), &self.component_device("text_encoder")?)?;
@@ -425,11 +440,7 @@ impl StableDiffusion {
                 "--num-images must be at least 1".into(),
             ));
         }
-        if !req.guidance.is_finite() {
-            return Err(Error::InvalidArgument(
-                "--guidance must be a finite number".into(),
-            ));
-        }
+        crate::validate::arg_f32("--guidance", req.guidance)?;
         let f = self.vae_scale_factor();
         let c = self.latent_channels();
         let b = req.num_images;
@@ -449,13 +460,19 @@ impl StableDiffusion {
             let d = self.unet.config().sample_size.unwrap_or(64) * f;
             (req.height.unwrap_or(d), req.width.unwrap_or(d))
         };
-        let multiple = 8 * f / gcd(8, f);
+        let multiple = self.size_multiple();
         if height == 0 || width == 0 || height % multiple != 0 || width % multiple != 0 {
+            let what = if req.init_image.is_some() {
+                "the --init-image's width and height"
+            } else {
+                "width and height"
+            };
             return Err(Error::InvalidArgument(format!(
-                "width and height must be positive multiples of {multiple} (the VAE scale factor {f} and diffusers' rule of 8); got {width}x{height}"
+                "{what} must be positive multiples of {multiple} (the VAE scale factor {f} and diffusers' rule of 8); got {width}x{height}"
             )));
         }
         let (h, w) = (height / f, width / f);
+        self.check_memory(b, cfg_batch(req.guidance), h, w, &req.vae)?;
 
         self.use_component("text_encoder")?;
         let cond = self.encode_text(&req.prompt)?;
@@ -486,7 +503,8 @@ impl StableDiffusion {
             let t_start = steps - init_t;
             if init_t == 0 {
                 return Err(Error::InvalidArgument(format!(
-                    "--strength {} with {steps} steps leaves no denoising step; raise either",
+                    "--strength {} with {steps} steps leaves no denoising step \
+                     (strength × steps < 1); raise --strength or --steps",
                     req.strength
                 )));
             }
@@ -545,6 +563,13 @@ impl StableDiffusion {
                 out
             };
             latents = sched.step(&out, t, &latents, &mut rng)?;
+            crate::validate::finite(&latents, || {
+                format!(
+                    "the latents after denoising step {} of {total} (timestep {t}); check \
+                     --guidance, the initial latents and the scheduler config",
+                    i + 1
+                )
+            })?;
             on_step(i + 1, total);
         }
 
@@ -552,12 +577,80 @@ impl StableDiffusion {
         let (_, _, lh, lw) = latents.dims4()?;
         let vae_memory = req.vae.plan(&self.vae, b, lh, lw)?;
         let image = self.decode_to_image(&latents, &vae_memory)?;
+        crate::validate::finite(&image, || {
+            "the VAE's decoded image; check vae/config.json (scaling_factor, shift_factor)".into()
+        })?;
         Ok(GenerateOutput {
             prompt_embeds,
             final_latents: latents,
             image,
             vae_memory,
         })
+    }
+
+    /// Refuses, before any weight is read, a run whose estimated peak cannot fit in the memory
+    /// available: resident weights under each component's strategy, the UNet's activations,
+    /// the VAE decode (tiled or not) and the output image.
+    fn check_memory(
+        &self,
+        batch: usize,
+        cfg_factor: usize,
+        h: usize,
+        w: usize,
+        vae: &VaeOptions,
+    ) -> Result<()> {
+        use crate::validate::{fits_in_memory, Need};
+        let weights =
+            crate::residency::resident_estimate(self.components.iter().map(|c| c.weights.as_ref()));
+        let (bf, hf, wf) = (batch as f64, h as f64, w as f64);
+        let f = self.vae_scale_factor() as f64;
+        let c0 = self.unet.config().block_out_channels[0] as f64;
+        // The largest UNet activations live at full latent resolution with the first block's
+        // channels: about eight such tensors at once, plus bounded attention and conv scratch.
+        let unet = bf * cfg_factor as f64 * c0 * hf * wf * 4.0 * 8.0 + (96u64 << 20) as f64;
+        // A budget-chosen tile is planned later; without one, the decode is as asked.
+        let decode = match (vae.memory_budget, vae.tiling || vae.tile_size.is_some()) {
+            (Some(b), _) => b as f64,
+            (None, true) => {
+                let t = self.vae.tiling(vae.tile_size, vae.tile_overlap)?;
+                let per = if vae.slicing { 1 } else { batch };
+                self.vae
+                    .decode_peak_estimate(per, t.tile_latent, t.tile_latent) as f64
+            }
+            (None, false) => {
+                let per = if vae.slicing { 1.0 } else { bf };
+                // decode_peak_estimate in f64 terms, so absurd sizes cannot overflow.
+                per * self
+                    .vae
+                    .decode_peak_estimate(1, h.min(1 << 14), w.min(1 << 14))
+                    as f64
+                    * (hf / hf.min(16384.0))
+                    * (wf / wf.min(16384.0))
+            }
+        };
+        let image = bf * hf * f * wf * f * 3.0 * 4.0 * 2.0;
+        fits_in_memory(
+            &[
+                Need {
+                    what: "weights",
+                    bytes: weights,
+                },
+                Need {
+                    what: "UNet activations",
+                    bytes: unet,
+                },
+                Need {
+                    what: "VAE decode",
+                    bytes: decode,
+                },
+                Need {
+                    what: "output images",
+                    bytes: image,
+                },
+            ],
+            "use a smaller --width/--height or --num-images, --tiling or --memory-budget for the \
+             VAE, and --offload group or sequential for the weights",
+        )
     }
 
     /// VAE-decodes scaled latents into (B, H, W, 3) images in [0, 1].
@@ -594,6 +687,15 @@ pub fn decode_or_retry_tiled(vae: &AutoencoderKL, z: &Tensor, mem: &VaeMemory) -
 fn is_oom(e: &Error) -> bool {
     let m = e.to_string().to_ascii_lowercase();
     m.contains("out of memory") || m.contains("out_of_memory")
+}
+
+/// The UNet's batch multiplier: classifier-free guidance runs the batch twice.
+fn cfg_batch(guidance: f64) -> usize {
+    if guidance > 1.0 {
+        2
+    } else {
+        1
+    }
 }
 
 fn gcd(a: usize, b: usize) -> usize {

@@ -514,3 +514,25 @@ impl WeightProvider for ManagedWeights {
         self.dtype
     }
 }
+
+/// Bytes resident at the peak of a pipeline call with these components, from their strategies:
+/// `None` components stay, one `Model` component is loaded at a time, and sequential/group
+/// offload hold a layer (times the group size, and once more for a prefetch) at a time.
+pub fn resident_estimate<'a>(components: impl Iterator<Item = &'a ManagedWeights>) -> f64 {
+    let (mut kept, mut one_at_a_time) = (0u64, 0u64);
+    for c in components {
+        match c.strategy() {
+            Strategy::None => kept += c.total_bytes(),
+            Strategy::Model => one_at_a_time = one_at_a_time.max(c.total_bytes()),
+            Strategy::Sequential => one_at_a_time = one_at_a_time.max(c.largest_layer_bytes()),
+            Strategy::Group {
+                blocks_per_group,
+                prefetch,
+            } => {
+                let n = blocks_per_group as u64 * if prefetch { 2 } else { 1 };
+                one_at_a_time = one_at_a_time.max(c.largest_layer_bytes().saturating_mul(n));
+            }
+        }
+    }
+    (kept + one_at_a_time) as f64
+}

@@ -19,7 +19,7 @@ use crate::error::Result;
 
 pub use accounting::{Accounting, ComponentUsage, UsageReport};
 pub use device_map::{plan_balanced, DeviceMap};
-pub use manager::{ManagedWeights, Strategy};
+pub use manager::{resident_estimate, ManagedWeights, Strategy};
 
 /// What a layer declares it needs: a tensor name (relative to its component) and shape.
 #[derive(Debug, Clone, PartialEq, Eq)]

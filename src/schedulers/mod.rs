@@ -148,13 +148,43 @@ pub fn build(
             common.num_train_timesteps
         )));
     }
-    Ok(match kind {
+    let n = common.num_train_timesteps;
+    let offset = common.steps_offset;
+    let sched: Box<dyn Scheduler> = match kind {
         SchedulerKind::Pndm => Box::new(Pndm::new(common, cfg, steps)?),
         SchedulerKind::Ddim => Box::new(Ddim::new(common, cfg, steps)?),
         SchedulerKind::Euler => Box::new(Euler::new(common, cfg, steps)?),
         SchedulerKind::EulerAncestral => Box::new(EulerAncestral::new(common, cfg, steps)?),
         SchedulerKind::DpmPp2m => Box::new(DpmSolverMultistep::new(common, cfg, steps)?),
-    })
+    };
+    // Every timestep must index the training schedule; checked here, before any model work,
+    // instead of failing at the step that would read past the table.
+    if let Some(&t) = sched
+        .timesteps()
+        .iter()
+        .find(|&&t| !(t.is_finite() && t >= 0.0 && t <= (n - 1) as f64))
+    {
+        return Err(Error::InvalidArgument(format!(
+            "--steps {steps} with steps_offset {offset} in {FILE} gives timestep {t}, outside the \
+             scheduler's {n} training timesteps (0..{}); use fewer steps or fix the config",
+            n - 1
+        )));
+    }
+    // Each step needs its own timestep; spacing rules can collapse them (DPM-Solver's leading
+    // spacing divides by steps + 1: at 1000 steps every timestep is the same and the solver
+    // divides by zero).
+    let mut distinct: Vec<f64> = sched.timesteps().to_vec();
+    distinct.sort_by(f64::total_cmp);
+    distinct.dedup();
+    if distinct.len() < steps {
+        return Err(Error::InvalidArgument(format!(
+            "--steps {steps} is more than this scheduler can space over {n} training timesteps \
+             (only {} distinct timesteps; see timestep_spacing and steps_offset in {FILE}); use \
+             fewer steps",
+            distinct.len()
+        )));
+    }
+    Ok(sched)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -211,9 +241,20 @@ impl Common {
             | SchedulerKind::EulerAncestral
             | SchedulerKind::DpmPp2m => "linear",
         };
+        crate::validate::count(FILE, "num_train_timesteps", n, 1, 1_000_000)?;
         let schedule = cfg.beta_schedule.as_deref().unwrap_or(default_schedule);
         let b0 = cfg.beta_start.unwrap_or(0.0001);
         let b1 = cfg.beta_end.unwrap_or(0.02);
+        for (field, b) in [("beta_start", b0), ("beta_end", b1)] {
+            if !(b > 0.0 && b < 1.0) {
+                return Err(Error::unsupported(
+                    FILE,
+                    field,
+                    b,
+                    "must be in (0, 1): a beta of 1 or more leaves no signal (a black image)",
+                ));
+            }
+        }
         let betas: Vec<f32> = if let Some(tb) = &cfg.trained_betas {
             tb.iter().map(|&b| b as f32).collect()
         } else {
@@ -247,6 +288,14 @@ impl Common {
                 }
             }
         };
+        if let Some(b) = betas.iter().find(|&&b| !(b > 0.0 && b < 1.0)) {
+            return Err(Error::unsupported(
+                FILE,
+                "trained_betas",
+                b,
+                "every beta must be in (0, 1)",
+            ));
+        }
         if betas.len() != n {
             return Err(Error::unsupported(
                 FILE,
@@ -305,7 +354,13 @@ impl Common {
             alphas_cumprod,
             prediction,
             spacing,
-            steps_offset: cfg.steps_offset.unwrap_or(0),
+            steps_offset: crate::validate::count(
+                FILE,
+                "steps_offset",
+                cfg.steps_offset.unwrap_or(0),
+                0,
+                n - 1,
+            )?,
         })
     }
 

@@ -88,6 +88,27 @@ pub fn checkpoint_files(dir: &Path, stem: &str, variant: Option<&str>) -> Result
         let mut shards: Vec<String> = idx.weight_map.into_values().collect();
         shards.sort();
         shards.dedup();
+        if shards.is_empty() {
+            return Err(Error::unsupported(
+                index.display().to_string(),
+                "weight_map",
+                "{}",
+                "the shard index lists no tensors; re-save the checkpoint",
+            ));
+        }
+        // A shard name is a file beside the index: nothing may point outside the component.
+        if let Some(bad) = shards.iter().find(|s| {
+            let p = Path::new(s.as_str());
+            p.components().count() != 1
+                || !matches!(p.components().next(), Some(std::path::Component::Normal(_)))
+        }) {
+            return Err(Error::unsupported(
+                index.display().to_string(),
+                "weight_map",
+                format!("\"{bad}\""),
+                "shard names must be plain file names in the component folder",
+            ));
+        }
         return Ok(shards.into_iter().map(|s| dir.join(s)).collect());
     }
     let hint = match variant {
@@ -95,7 +116,9 @@ pub fn checkpoint_files(dir: &Path, stem: &str, variant: Option<&str>) -> Result
             "no `{v}` variant here; drop --variant or use a folder that has {stem}.{v}.safetensors"
         ),
         None => {
-            let has_bin = dir.join(format!("{stem}.bin")).is_file();
+            // transformers names its pickles pytorch_model.bin, diffusers {stem}.bin.
+            let has_bin = dir.join(format!("{stem}.bin")).is_file()
+                || dir.join("pytorch_model.bin").is_file();
             if has_bin {
                 "only a pickle (.bin) checkpoint is present; convert it to safetensors".into()
             } else if dir.join(format!("{stem}.fp16.safetensors")).is_file() {
@@ -154,8 +177,14 @@ impl WeightStore {
             // the safetensors parser checks every offset against the mapped length.
             let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
             let (n, meta) = SafeTensors::read_metadata(&mmap).map_err(|e| {
+                let what = match e {
+                    safetensors::SafeTensorError::MetadataIncompleteBuffer => {
+                        "the tensor data does not match the header's offsets".to_string()
+                    }
+                    other => other.to_string(),
+                };
                 corrupt(format!(
-                    "{e:?} (the file is damaged or was not fully downloaded)"
+                    "{what} (the file is damaged or was not fully downloaded)"
                 ))
             })?;
             let data_start = 8 + n as u64;

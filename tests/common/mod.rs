@@ -80,3 +80,58 @@ pub const SCHEDULERS: [&str; 5] = ["pndm", "ddim", "euler", "euler-a", "dpmpp-2m
 /// The two committed tiny pipelines: SD1.5 flavour and SD2 flavour (v_prediction, linear
 /// projection, sharded UNet).
 pub const PIPELINES: [&str; 2] = ["tiny-sd15", "tiny-sd2"];
+
+// ---- the binary, as a user runs it ----
+
+pub fn lowtide(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_lowtide"))
+        .args(args)
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .expect("cannot run lowtide")
+}
+
+pub fn ok(args: &[&str]) -> std::process::Output {
+    let out = lowtide(args);
+    assert!(
+        out.status.success(),
+        "lowtide {args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Runs a command that must fail cleanly (exit 1, an `error:` line, no panic); returns stderr.
+#[track_caller]
+pub fn fails(args: &[&str], expect: &[&str]) -> String {
+    let out = lowtide(args);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "lowtide {args:?} succeeded");
+    assert!(
+        !err.contains("panicked"),
+        "lowtide {args:?} panicked:\n{err}"
+    );
+    assert_eq!(out.status.code(), Some(1), "exit code of {args:?}:\n{err}");
+    assert!(err.contains("error:"), "no error line for {args:?}:\n{err}");
+    for e in expect {
+        assert!(err.contains(e), "stderr of {args:?} lacks {e:?}:\n{err}");
+    }
+    err
+}
+
+pub fn s(p: &std::path::Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// A writable copy of a committed tiny pipeline.
+pub fn scratch(name: &str) -> (tempfile::TempDir, PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    let dst = tmp.path().join("pipe");
+    copy_dir(&model(name), &dst);
+    (tmp, dst)
+}
+
+/// A writable copy of the tiny SD1.5 pipeline.
+pub fn scratch_pipeline() -> (tempfile::TempDir, PathBuf) {
+    scratch("tiny-sd15")
+}
