@@ -31,6 +31,16 @@ fn default_act() -> String {
 fn default_eps() -> f64 {
     1e-5
 }
+fn default_eos() -> Option<i64> {
+    Some(49407)
+}
+/// `eos_token_id` may be a list or null in some configs; only the pooled output reads it, so
+/// anything but an integer loads as `None` and is refused there, not at load.
+fn int_or_none<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<Option<i64>, D::Error> {
+    Ok(serde_json::Value::deserialize(d)?.as_i64())
+}
 
 /// `config.json` of a `CLIPTextModel`; defaults are transformers' `CLIPTextConfig` defaults.
 #[derive(Debug, Clone, Deserialize)]
@@ -55,6 +65,17 @@ pub struct ClipTextConfig {
     pub projection_dim: Option<usize>,
     #[serde(default)]
     pub architectures: Option<Vec<String>>,
+    /// Picks the pooled (EOS) position; 2 in configs from before transformers PR #24773.
+    #[serde(default = "default_eos", deserialize_with = "int_or_none")]
+    pub eos_token_id: Option<i64>,
+}
+
+/// Both outputs of `CLIPTextModel`.
+pub struct ClipTextOutput {
+    /// (batch, seq, hidden), after the final layer norm.
+    pub last_hidden_state: Tensor,
+    /// (batch, hidden): `last_hidden_state` at each row's EOS position (FLUX's pooled prompt).
+    pub pooler_output: Tensor,
 }
 
 struct EncoderLayer {
@@ -218,6 +239,47 @@ impl ClipTextModel {
         let out = self.final_ln.forward(&x)?;
         scope.exit()?;
         Ok(out)
+    }
+
+    /// `last_hidden_state` and `pooler_output`, as transformers' `CLIPTextTransformer`.
+    pub fn forward_with_pooled(&self, ids: &Tensor, dtype: DType) -> Result<ClipTextOutput> {
+        let last_hidden_state = self.forward(ids, dtype)?;
+        let (b, seq, h) = last_hidden_state.dims3()?;
+        let rows = ids.to_vec2::<u32>()?;
+        let eos = self.cfg.eos_token_id.ok_or_else(|| {
+            crate::Error::unsupported(
+                "text_encoder/config.json",
+                "eos_token_id",
+                "a non-integer",
+                "the pooled output needs the integer id of the end-of-text token",
+            )
+        })?;
+        // Legacy configs (eos 2) take the highest id (EOS is the largest CLIP id), others the
+        // first EOS; both as torch's argmax, which returns the first maximum (0 if none).
+        let first_max = |v: &[u32]| -> usize {
+            let m = v.iter().copied().max().unwrap_or(0);
+            v.iter().position(|&x| x == m).unwrap_or(0)
+        };
+        let pos: Vec<u32> = rows
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                let p = if eos == 2 {
+                    first_max(r)
+                } else {
+                    r.iter().position(|&x| i64::from(x) == eos).unwrap_or(0)
+                };
+                (i * seq + p) as u32
+            })
+            .collect();
+        let idx = Tensor::from_vec(pos, b, last_hidden_state.device())?;
+        let pooler_output = last_hidden_state
+            .reshape((b * seq, h))?
+            .index_select(&idx, 0)?;
+        Ok(ClipTextOutput {
+            last_hidden_state,
+            pooler_output,
+        })
     }
 }
 
