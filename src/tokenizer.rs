@@ -208,3 +208,132 @@ impl ClipTokenizer {
         Ok(ids)
     }
 }
+
+/// T5's SentencePiece (Unigram) tokenizer, read from `tokenizer.json` (FLUX's `tokenizer_2/`).
+/// Encodes as transformers' `T5Tokenizer(Fast)`: no BOS, `</s>` appended after truncation,
+/// right padding with the pad token.
+pub struct T5Tokenizer {
+    inner: tokenizers::Tokenizer,
+    pad: u32,
+    /// Tokens the post-processor adds to one sequence (`</s>`: 1).
+    added: usize,
+}
+
+/// Ids padded to a fixed length, and what truncation cut off.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct T5Encoding {
+    pub ids: Vec<u32>,
+    /// The tokens that did not fit, decoded (for diffusers' "was truncated" warning); `None`
+    /// when the whole prompt fit.
+    pub truncated: Option<String>,
+}
+
+impl T5Tokenizer {
+    /// Loads from a folder holding `tokenizer.json` (and optionally `tokenizer_config.json` /
+    /// `special_tokens_map.json`, which may rename the EOS and pad tokens).
+    pub fn from_dir(dir: &Path) -> Result<Self> {
+        let tj = dir.join("tokenizer.json");
+        if !tj.is_file() {
+            return Err(Error::NotFound {
+                what: "T5 tokenizer file".into(),
+                path: tj,
+                hint: "FLUX needs tokenizer_2/tokenizer.json, the T5 tokenizer: write it with \
+                       T5TokenizerFast.save_pretrained; spiece.model alone is not read"
+                    .into(),
+            });
+        }
+        let mut inner = tokenizers::Tokenizer::from_file(&tj)
+            .map_err(|e| Error::Tokenizer(format!("{}: {e}", tj.display())))?;
+        let read = |name: &str| -> Result<Value> {
+            let p = dir.join(name);
+            if p.is_file() {
+                read_json(&p)
+            } else {
+                Ok(json!({}))
+            }
+        };
+        let (cfg, map) = (
+            read("tokenizer_config.json")?,
+            read("special_tokens_map.json")?,
+        );
+        let special = |key: &str, default: &str| -> String {
+            cfg.get(key)
+                .and_then(token_content)
+                .or_else(|| map.get(key).and_then(token_content))
+                .unwrap_or_else(|| default.to_string())
+        };
+        let id = |s: &str| -> Result<u32> {
+            inner.token_to_id(s).ok_or_else(|| {
+                Error::Tokenizer(format!(
+                    "special token `{s}` is not in the vocabulary of {}",
+                    tj.display()
+                ))
+            })
+        };
+        let eos_s = special("eos_token", "</s>");
+        let (eos, pad) = (id(&eos_s)?, id(&special("pad_token", "<pad>"))?);
+        // transformers' T5Tokenizer installs this template whatever the file says; truncation
+        // and padding are per call, so any baked into the file are dropped.
+        let template = tokenizers::processors::template::TemplateProcessing::builder()
+            .try_single(format!("$A {eos_s}"))
+            .and_then(|b| {
+                b.special_tokens(vec![(eos_s.clone(), eos)])
+                    .build()
+                    .map_err(|e| e.to_string())
+            })
+            .map_err(|e| Error::Tokenizer(format!("{}: T5 template: {e}", tj.display())))?;
+        let added = tokenizers::PostProcessor::added_tokens(&template, false);
+        inner.with_post_processor(Some(template));
+        inner
+            .with_truncation(None)
+            .map_err(|e| Error::Tokenizer(format!("{}: {e}", tj.display())))?;
+        inner.with_padding(None);
+        Ok(Self { inner, pad, added })
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    pub fn pad_id(&self) -> u32 {
+        self.pad
+    }
+
+    /// The largest token id the tokenizer can produce (added tokens included), to check
+    /// against the encoder's `vocab_size`.
+    pub fn max_id(&self) -> u32 {
+        self.inner
+            .get_vocab(true)
+            .values()
+            .copied()
+            .chain([self.pad])
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// `tokenizer_2(text, padding="max_length", max_length=max_len, truncation=True)` ids: the
+    /// text's tokens cut to `max_len - 1`, then `</s>`, then pad tokens up to `max_len`.
+    pub fn encode_padded(&self, text: &str, max_len: usize) -> Result<T5Encoding> {
+        if max_len == 0 || max_len < self.added {
+            return Err(Error::InvalidArgument(format!(
+                "T5 max sequence length {max_len} is too short (at least {} tokens)",
+                self.added.max(1)
+            )));
+        }
+        let fail =
+            |e: tokenizers::Error| Error::Tokenizer(format!("cannot tokenize {text:?}: {e}"));
+        let mut enc = self.inner.encode(text, false).map_err(fail)?;
+        let room = max_len - self.added;
+        let full = enc.get_ids().to_vec();
+        let truncated = if full.len() > room {
+            Some(self.inner.decode(&full[room..], true).map_err(fail)?)
+        } else {
+            None
+        };
+        enc.truncate(room, 0, tokenizers::TruncationDirection::Right);
+        let enc = self.inner.post_process(enc, None, true).map_err(fail)?;
+        let mut ids = enc.get_ids().to_vec();
+        ids.resize(max_len, self.pad);
+        Ok(T5Encoding { ids, truncated })
+    }
+}
