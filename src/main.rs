@@ -12,13 +12,12 @@ use lowtide::io::{
     read_image, read_image_arg, read_single_tensor, save_images, save_tensors, write_atomic,
 };
 use lowtide::models::{VaeMemory, VaeOptions};
-use lowtide::pipelines::stable_diffusion::decode_or_retry_tiled;
 use lowtide::pipelines::{
-    load_vae, resolve_model, DeviceMapSpec, GenerateRequest, LoadOptions, OffloadPlan,
-    StableDiffusion,
+    decode_or_retry_tiled, load_vae, resolve_model, DeviceMapSpec, GenerateRequest, LoadOptions,
+    OffloadPlan,
 };
 use lowtide::residency::device_map::{parse_bytes, parse_max_memory};
-use lowtide::residency::{DeviceMap, Strategy};
+use lowtide::residency::{DeviceMap, StoragePlan, Strategy};
 use lowtide::validate::{arg_f32, output_path};
 
 const MIB: f64 = 1024.0 * 1024.0;
@@ -112,7 +111,7 @@ impl ModelArgs {
             device,
             dtype,
             variant: self.variant.clone(),
-            device_map: None,
+            ..LoadOptions::default()
         };
         Ok((root, opts))
     }
@@ -126,13 +125,25 @@ struct GenerateArgs {
     prompt: String,
     #[arg(long)]
     negative_prompt: Option<String>,
-    /// Denoising steps.
-    #[arg(long, default_value_t = 50)]
-    steps: usize,
-    /// Classifier-free guidance scale (off at 1 or below).
-    #[arg(long, default_value_t = 7.5, allow_negative_numbers = true)]
-    guidance: f64,
-    /// pndm, ddim, euler, euler-a or dpmpp-2m (default: the pipeline's own).
+    /// Denoising steps (default: the pipeline's, 50 for SD, 28 for FLUX).
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Guidance scale: classifier-free for SD (off at 1 or below), embedded for FLUX dev
+    /// (default: 7.5 for SD, 3.5 for FLUX).
+    #[arg(long, allow_negative_numbers = true)]
+    guidance: Option<f64>,
+    /// FLUX: true classifier-free guidance scale with --negative-prompt (diffusers'
+    /// true_cfg_scale).
+    #[arg(long, allow_negative_numbers = true)]
+    true_cfg: Option<f64>,
+    /// FLUX: T5 tokens, at most 512 (default 512; schnell checkpoints are used with 256).
+    #[arg(long)]
+    max_sequence_length: Option<usize>,
+    /// Dtype resident weights are kept in, upcast per layer at forward time: auto (as in the
+    /// file), f32, bf16, f16, f8e4m3 or f8e5m2 for the denoiser, or COMPONENT=DTYPE,...
+    #[arg(long, value_name = "DTYPE")]
+    storage_dtype: Option<String>,
+    /// SD: pndm, ddim, euler, euler-a or dpmpp-2m (default: the pipeline's own).
     #[arg(long)]
     scheduler: Option<String>,
     #[arg(long, default_value_t = 0)]
@@ -306,13 +317,21 @@ fn generate(args: GenerateArgs) -> Result<()> {
     if let Some(p) = &args.memory.report {
         output_path("--report", p, &["json"])?;
     }
-    arg_f32("--guidance", args.guidance)?;
+    if let Some(g) = args.guidance {
+        arg_f32("--guidance", g)?;
+    }
+    let storage = args
+        .storage_dtype
+        .as_deref()
+        .map(StoragePlan::parse)
+        .transpose()?
+        .unwrap_or_default();
     let scheduler = args
         .scheduler
         .as_deref()
         .map(SchedulerKind::from_cli)
         .transpose()?;
-    if args.steps == 0 {
+    if args.steps == Some(0) {
         anyhow::bail!("--steps must be at least 1");
     }
     if let Some(s) = args.strength {
@@ -332,6 +351,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
     }
     let (root, mut opts) = args.model.open()?;
     opts.device_map = device_map;
+    opts.storage = storage;
     let device = opts.device.clone();
     let init_image = args
         .init_image
@@ -356,7 +376,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
         .as_deref()
         .map(|p| read_latents(p, &device))
         .transpose()?;
-    let mut pipe = StableDiffusion::load(&root, opts)
+    let mut pipe = lowtide::pipelines::load(&root, opts)
         .with_context(|| format!("cannot load the pipeline in {}", root.display()))?;
     if let (Some(img), Some(path)) = (&init_image, &args.init_image) {
         let (_, _, h, w) = img.dims4()?;
@@ -375,13 +395,16 @@ fn generate(args: GenerateArgs) -> Result<()> {
         keep_on_device: args.memory.keep_on_device.clone(),
         ..OffloadPlan::uniform(strategy)
     };
-    pipe.set_offload(&plan)?;
-    pipe.accounting.reset();
+    pipe.base_mut().set_offload(&plan)?;
+    pipe.base().accounting.reset();
+    let (default_steps, default_guidance) = pipe.defaults();
     let req = GenerateRequest {
         prompt: args.prompt,
         negative_prompt: args.negative_prompt,
-        steps: args.steps,
-        guidance: args.guidance,
+        steps: args.steps.unwrap_or(default_steps),
+        guidance: args.guidance.unwrap_or(default_guidance),
+        true_cfg: args.true_cfg,
+        max_sequence_length: args.max_sequence_length,
         scheduler,
         seed: args.seed,
         width: args.width,
@@ -405,7 +428,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
     })?;
     bar.finish_and_clear();
     report_vae_plan(&args.vae, &out.vae_memory);
-    let usage = pipe.accounting.report();
+    let usage = pipe.base().accounting.report();
     eprintln!(
         "offload {}: peak resident {:.1} MiB, {:.1} MiB moved, {:.2} s moving / {:.2} s waiting, {:.2} s wall",
         strategy.name(),
@@ -419,14 +442,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
         eprintln!("wrote {}", p.display());
     }
     if let Some(path) = &args.save_tensors {
-        save_tensors(
-            path,
-            &[
-                ("prompt_embeds", &out.prompt_embeds),
-                ("final_latents", &out.final_latents),
-                ("image", &out.image),
-            ],
-        )?;
+        save_tensors(path, &out.named_tensors())?;
         eprintln!("wrote {}", path.display());
     }
     if let Some(path) = &args.memory.report {
@@ -440,9 +456,9 @@ fn generate(args: GenerateArgs) -> Result<()> {
             v["blocks_per_group"] = blocks_per_group.into();
             v["prefetch"] = prefetch.into();
         }
-        v["device"] = format!("{:?}", pipe.options.device).into();
-        v["dtype"] = format!("{:?}", pipe.options.dtype).into();
-        v["device_map"] = match pipe.device_map() {
+        v["device"] = format!("{:?}", pipe.base().options.device).into();
+        v["dtype"] = format!("{:?}", pipe.base().options.dtype).into();
+        v["device_map"] = match pipe.base().device_map() {
             Some(m) => serde_json::to_value(&m.placement)?,
             None => serde_json::Value::Null,
         };

@@ -17,8 +17,8 @@ pub struct Linear {
 impl Linear {
     pub fn new(pp: &ParamPath, in_dim: usize, out_dim: usize, bias: bool) -> Self {
         Self {
-            weight: pp.param("weight", &[out_dim, in_dim]),
-            bias: bias.then(|| pp.param("bias", &[out_dim])),
+            weight: pp.castable_param("weight", &[out_dim, in_dim]),
+            bias: bias.then(|| pp.castable_param("bias", &[out_dim])),
         }
     }
 
@@ -45,8 +45,8 @@ impl Conv2d {
         padding: usize,
     ) -> Self {
         Self {
-            weight: pp.param("weight", &[out_c, in_c, kernel, kernel]),
-            bias: Some(pp.param("bias", &[out_c])),
+            weight: pp.castable_param("weight", &[out_c, in_c, kernel, kernel]),
+            bias: Some(pp.castable_param("bias", &[out_c])),
             spec: conv2d::ConvSpec::new(stride, padding, 1),
         }
     }

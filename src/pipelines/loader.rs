@@ -66,10 +66,26 @@ impl ModelIndex {
             _ => Err(Error::NotFound {
                 what: format!("component `{name}`"),
                 path: root.join("model_index.json"),
-                hint: "model_index.json does not list it; is this a Stable Diffusion pipeline?"
-                    .into(),
+                hint: format!(
+                    "model_index.json does not list it, and a {} needs it",
+                    self.class_name
+                ),
             }),
         }
+    }
+
+    /// Checks that component `name` is one of `allowed` classes.
+    pub fn expect_class(&self, root: &Path, name: &str, allowed: &[&str]) -> Result<()> {
+        let class = self.class_of(root, name)?;
+        if !allowed.contains(&class.as_str()) {
+            return Err(Error::unsupported(
+                "model_index.json",
+                name,
+                format!("\"{class}\""),
+                format!("a {} takes {}", self.class_name, allowed.join(" or ")),
+            ));
+        }
+        Ok(())
     }
 }
 

@@ -2,8 +2,8 @@
 
 use std::path::Path;
 
+use super::base::LoadOptions;
 use super::loader::Component;
-use super::stable_diffusion::LoadOptions;
 use crate::error::{Error, Result};
 use crate::models::{AutoencoderKL, AutoencoderKLConfig};
 

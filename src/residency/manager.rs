@@ -22,6 +22,7 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor};
 
 use super::accounting::Accounting;
+use super::storage::{held, Held, StorageDtype};
 use super::{ParamSpec, WeightProvider};
 use crate::error::{Error, Result};
 use crate::weights::WeightStore;
@@ -55,20 +56,21 @@ fn bytes_of(t: &Tensor) -> u64 {
     (t.elem_count() * t.dtype().size_in_bytes()) as u64
 }
 
+/// Reads one weight from storage in the form it is held in.
+fn load_held(store: &WeightStore, spec: &ParamSpec, h: Held, device: &Device) -> Result<Tensor> {
+    h.narrow(store.load(&spec.name, &spec.shape, h.read_dtype(), device)?)
+}
+
 /// Reads `specs` from storage. Returns the tensors and the seconds it took.
 fn load_all(
     store: &WeightStore,
-    specs: &[ParamSpec],
-    dtype: DType,
+    specs: &[(ParamSpec, Held)],
     device: &Device,
 ) -> Result<(Loaded, f64)> {
     let t0 = Instant::now();
     let mut out = HashMap::with_capacity(specs.len());
-    for s in specs {
-        out.insert(
-            s.name.clone(),
-            store.load(&s.name, &s.shape, dtype, device)?,
-        );
+    for (s, h) in specs {
+        out.insert(s.name.clone(), load_held(store, s, *h, device)?);
     }
     Ok((out, t0.elapsed().as_secs_f64()))
 }
@@ -112,6 +114,8 @@ pub struct ManagedWeights {
     store: Arc<WeightStore>,
     device: Mutex<Device>,
     dtype: DType,
+    /// Storage dtype of resident weights; `None` keeps them in the compute dtype.
+    storage: Mutex<Option<StorageDtype>>,
     strategy: Mutex<Strategy>,
     acct: Arc<Accounting>,
     declared: Mutex<Vec<ParamSpec>>,
@@ -132,6 +136,7 @@ impl ManagedWeights {
             store: Arc::new(store),
             device: Mutex::new(device),
             dtype,
+            storage: Mutex::new(None),
             strategy: Mutex::new(Strategy::None),
             acct,
             declared: Mutex::default(),
@@ -156,36 +161,55 @@ impl ManagedWeights {
         *lock(&self.declared) = specs;
     }
 
-    /// Bytes of all declared parameters in the compute dtype.
+    /// Sets the dtype resident weights are kept in (`None`: the compute dtype); everything
+    /// resident is dropped first.
+    pub fn set_storage(&self, storage: Option<StorageDtype>) -> Result<()> {
+        self.release_all()?;
+        *lock(&self.storage) = storage;
+        Ok(())
+    }
+
+    /// How `spec` is held: the storage dtype where it applies, else the file's or compute dtype.
+    fn held(&self, spec: &ParamSpec) -> Held {
+        let file = self.store.get(&spec.name).map_or(self.dtype, |t| t.dtype);
+        held(
+            *lock(&self.storage),
+            &spec.name,
+            spec.castable,
+            file,
+            self.dtype,
+        )
+    }
+
+    /// Bytes `spec` occupies while resident.
+    fn held_bytes(&self, spec: &ParamSpec) -> u64 {
+        (spec.shape.iter().product::<usize>() * self.held(spec).size_in_bytes()) as u64
+    }
+
+    /// Bytes of all declared parameters as they are held resident.
     pub fn total_bytes(&self) -> u64 {
-        let n: usize = lock(&self.declared)
+        lock(&self.declared)
             .iter()
-            .map(|s| s.shape.iter().product::<usize>())
-            .sum();
-        (n * self.dtype.size_in_bytes()) as u64
+            .map(|s| self.held_bytes(s))
+            .sum()
     }
 
     /// Bytes of the largest layer (parameters sharing a name prefix): sequential offload's unit.
     pub fn largest_layer_bytes(&self) -> u64 {
-        let mut per: HashMap<&str, usize> = HashMap::new();
+        let mut per: HashMap<&str, u64> = HashMap::new();
         let declared = lock(&self.declared);
         for s in declared.iter() {
-            *per.entry(leaf_of(&s.name)).or_default() += s.shape.iter().product::<usize>();
+            *per.entry(leaf_of(&s.name)).or_default() += self.held_bytes(s);
         }
-        (per.values().copied().max().unwrap_or(0) * self.dtype.size_in_bytes()) as u64
+        per.values().copied().max().unwrap_or(0)
     }
 
     /// Bytes of each planned group, once group offload has learned the order.
     pub fn group_bytes(&self) -> Option<Vec<u64>> {
         let st = lock(&self.state);
-        let size = self.dtype.size_in_bytes();
         st.group.groups.as_ref().map(|gs| {
             gs.iter()
-                .map(|g| {
-                    g.iter()
-                        .map(|s| (s.shape.iter().product::<usize>() * size) as u64)
-                        .sum()
-                })
+                .map(|g| g.iter().map(|s| self.held_bytes(s)).sum())
                 .collect()
         })
     }
@@ -217,9 +241,7 @@ impl ManagedWeights {
     fn load_one(&self, spec: &ParamSpec) -> Result<Tensor> {
         let t0 = Instant::now();
         let device = lock(&self.device).clone();
-        let t = self
-            .store
-            .load(&spec.name, &spec.shape, self.dtype, &device)?;
+        let t = load_held(&self.store, spec, self.held(spec), &device)?;
         let secs = t0.elapsed().as_secs_f64();
         self.acct.transferred(bytes_of(&t), secs);
         self.acct.stalled(secs);
@@ -344,10 +366,10 @@ impl ManagedWeights {
                         .group
                         .groups
                         .as_ref()
-                        .map(|g| g[gi].clone())
+                        .map(|g| self.with_held(&g[gi]))
                         .unwrap_or_default();
                     let device = lock(&self.device).clone();
-                    let (tensors, secs) = load_all(&self.store, &specs, self.dtype, &device)?;
+                    let (tensors, secs) = load_all(&self.store, &specs, &device)?;
                     let b: u64 = tensors.values().map(bytes_of).sum();
                     self.acct.transferred(b, secs);
                     self.acct.add(&self.component, b);
@@ -365,20 +387,15 @@ impl ManagedWeights {
                     .group
                     .groups
                     .as_ref()
-                    .map(|g| g[next].clone())
+                    .map(|g| self.with_held(&g[next]))
                     .unwrap_or_default();
-                let bytes: u64 = specs
-                    .iter()
-                    .map(|s| {
-                        (s.shape.iter().product::<usize>() * self.dtype.size_in_bytes()) as u64
-                    })
-                    .sum();
+                let bytes: u64 = specs.iter().map(|(s, _)| self.held_bytes(s)).sum();
                 self.acct.add(&self.component, bytes);
                 let store = self.store.clone();
-                let (dtype, device) = (self.dtype, lock(&self.device).clone());
+                let device = lock(&self.device).clone();
                 let handle = std::thread::Builder::new()
                     .name("lowtide-prefetch".into())
-                    .spawn(move || load_all(&store, &specs, dtype, &device))
+                    .spawn(move || load_all(&store, &specs, &device))
                     .map_err(|e| Error::InvalidArgument(format!("cannot start prefetch: {e}")))?;
                 st.group.in_flight = Some(InFlight {
                     group: next,
@@ -388,6 +405,10 @@ impl ManagedWeights {
             }
         }
         Ok(())
+    }
+
+    fn with_held(&self, specs: &[ParamSpec]) -> Vec<(ParamSpec, Held)> {
+        specs.iter().map(|s| (s.clone(), self.held(s))).collect()
     }
 
     fn keep(&self, st: &mut State, spec: &ParamSpec) -> Result<Tensor> {
@@ -424,8 +445,9 @@ fn leaf_of(name: &str) -> &str {
     name.rsplit_once('.').map_or("", |(l, _)| l)
 }
 
-impl WeightProvider for ManagedWeights {
-    fn get(&self, spec: &ParamSpec) -> Result<Tensor> {
+impl ManagedWeights {
+    /// The resident tensor for `spec`, in the form it is held in.
+    fn get_held(&self, spec: &ParamSpec) -> Result<Tensor> {
         let strategy = self.strategy();
         let mut st = lock(&self.state);
         match strategy {
@@ -469,6 +491,15 @@ impl WeightProvider for ManagedWeights {
                 Ok(t)
             }
         }
+    }
+}
+
+impl WeightProvider for ManagedWeights {
+    /// Upcasts a low-precision resident weight to the compute dtype here, inside the layer's
+    /// call; the copy lives only as long as the layer uses it.
+    fn get(&self, spec: &ParamSpec) -> Result<Tensor> {
+        let t = self.get_held(spec)?;
+        self.held(spec).widen(&t, self.dtype)
     }
 
     fn contains(&self, name: &str) -> bool {

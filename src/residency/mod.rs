@@ -10,6 +10,7 @@
 pub mod accounting;
 pub mod device_map;
 pub mod manager;
+pub mod storage;
 
 use std::sync::{Arc, Mutex};
 
@@ -20,12 +21,16 @@ use crate::error::Result;
 pub use accounting::{Accounting, ComponentUsage, UsageReport};
 pub use device_map::{plan_balanced, DeviceMap};
 pub use manager::{resident_estimate, ManagedWeights, Strategy};
+pub use storage::{StorageDtype, StoragePlan};
 
 /// What a layer declares it needs: a tensor name (relative to its component) and shape.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ParamSpec {
     pub name: String,
     pub shape: Vec<usize>,
+    /// Whether the weight belongs to a layer whose storage dtype may be lowered (linear and
+    /// conv layers, the ones diffusers' layerwise casting touches; not embeddings or norms).
+    pub castable: bool,
 }
 
 /// Source of a component's weights at forward time.
@@ -102,6 +107,15 @@ impl ParamPath {
     }
 
     pub fn param(&self, name: &str, shape: &[usize]) -> Param {
+        self.declare(name, shape, false)
+    }
+
+    /// A weight of a linear or conv layer: one a storage dtype may lower (see [`ParamSpec`]).
+    pub fn castable_param(&self, name: &str, shape: &[usize]) -> Param {
+        self.declare(name, shape, true)
+    }
+
+    fn declare(&self, name: &str, shape: &[usize], castable: bool) -> Param {
         let spec = ParamSpec {
             name: if self.prefix.is_empty() {
                 name.to_string()
@@ -109,6 +123,7 @@ impl ParamPath {
                 format!("{}.{name}", self.prefix)
             },
             shape: shape.to_vec(),
+            castable,
         };
         self.registry
             .lock()

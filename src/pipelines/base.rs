@@ -1,0 +1,419 @@
+//! What every pipeline shares, written once (diffusers' `DiffusionPipeline`): load options, the
+//! components opened from `model_index.json` under the residency manager, offload plans and
+//! device maps, the memory check before a run, the denoising loop and the VAE decode.
+//!
+//! A family only says what differs: its components and offload order ([`ComponentSpec`],
+//! `model_cpu_offload_seq`), its models and its `generate`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor};
+
+use super::loader::{Component, ModelIndex};
+use crate::device::parse_device;
+use crate::error::{Error, Result};
+use crate::models::{AutoencoderKL, VaeMemory, VaeOptions};
+use crate::residency::{
+    plan_balanced, Accounting, DeviceMap, StoragePlan, Strategy, WeightProvider,
+};
+use crate::rng::TorchRng;
+use crate::schedulers::Scheduler;
+use crate::validate::{fits_in_memory, Need};
+use crate::weights::has_checkpoint;
+
+/// How to open a pipeline.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    pub device: Device,
+    /// Compute dtype; stored weights are converted to it as they are read (or at forward time,
+    /// for components with a storage dtype).
+    pub dtype: DType,
+    /// Weight file variant (`fp16` reads `*.fp16.safetensors`).
+    pub variant: Option<String>,
+    /// Whole components on different devices (excludes offloading until reset).
+    pub device_map: Option<DeviceMapSpec>,
+    /// The dtype resident weights are kept in, per component (diffusers' layerwise casting).
+    pub storage: StoragePlan,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            device: Device::Cpu,
+            dtype: DType::F32,
+            variant: None,
+            device_map: None,
+            storage: StoragePlan::default(),
+        }
+    }
+}
+
+/// How `--device-map` places components.
+#[derive(Debug, Clone)]
+pub enum DeviceMapSpec {
+    /// `component=device` pairs; unnamed components stay on the main device.
+    Explicit(DeviceMap),
+    /// diffusers' "balanced" strategy over `--max-memory` budgets.
+    Balanced { max_memory: Vec<(String, u64)> },
+}
+
+/// Which offload strategy each component gets.
+#[derive(Debug, Clone)]
+pub struct OffloadPlan {
+    pub default: Strategy,
+    /// Per-component overrides (library API: e.g. group for the denoiser, model for the rest).
+    pub per_component: BTreeMap<String, Strategy>,
+    /// Components kept out of offload (diffusers' `_exclude_from_cpu_offload`).
+    pub keep_on_device: Vec<String>,
+}
+
+impl OffloadPlan {
+    pub fn uniform(s: Strategy) -> Self {
+        Self {
+            default: s,
+            per_component: BTreeMap::new(),
+            keep_on_device: Vec::new(),
+        }
+    }
+}
+
+/// A component a family declares: its folder, checkpoint stem and the classes it accepts.
+pub struct ComponentSpec {
+    pub name: &'static str,
+    pub stem: &'static str,
+    pub classes: &'static [&'static str],
+    /// The denoiser (UNet or transformer): a bare `--storage-dtype` applies to it.
+    pub denoiser: bool,
+}
+
+/// A pipeline's components under the residency manager, in `model_cpu_offload_seq` order.
+pub struct PipelineBase {
+    pub root: PathBuf,
+    pub index: ModelIndex,
+    pub components: Vec<Component>,
+    pub options: LoadOptions,
+    /// Resident bytes, peaks and transfers of every component.
+    pub accounting: Arc<Accounting>,
+    /// diffusers' `model_cpu_offload_seq`.
+    pub order: &'static [&'static str],
+    device_map: Option<DeviceMap>,
+}
+
+impl PipelineBase {
+    /// Opens the weight-bearing components of `specs` (headers only), after checking that
+    /// `model_index.json` names an accepted class for each. With a variant, components that
+    /// lack it load their default files, as diffusers does, but at least one must have it.
+    pub fn open(
+        root: &Path,
+        opts: LoadOptions,
+        specs: &[ComponentSpec],
+        order: &'static [&'static str],
+    ) -> Result<Self> {
+        let index = ModelIndex::read(root)?;
+        for s in specs {
+            index.expect_class(root, s.name, s.classes)?;
+        }
+        let variant = opts.variant.as_deref();
+        let variant_of = |s: &ComponentSpec| -> Option<&str> {
+            variant.filter(|v| has_checkpoint(&root.join(s.name), s.stem, Some(v)))
+        };
+        if let Some(v) = variant {
+            if specs.iter().all(|s| variant_of(s).is_none()) {
+                return Err(Error::NotFound {
+                    what: format!("`{v}` variant"),
+                    path: root.to_path_buf(),
+                    hint: format!("no component has *.{v}.safetensors files; drop --variant {v}"),
+                });
+            }
+        }
+        opts.storage
+            .check_components(specs.iter().map(|s| s.name))?;
+        let acct = Arc::new(Accounting::default());
+        let components = specs
+            .iter()
+            .map(|s| {
+                let c = Component::open(
+                    root,
+                    s.name,
+                    s.stem,
+                    variant_of(s),
+                    &opts.device,
+                    opts.dtype,
+                    acct.clone(),
+                )?;
+                c.weights
+                    .set_storage(opts.storage.for_component(s.name, s.denoiser))?;
+                Ok(c)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            root: root.to_path_buf(),
+            index,
+            components,
+            options: opts,
+            accounting: acct,
+            order,
+            device_map: None,
+        })
+    }
+
+    pub fn component(&self, name: &str) -> Result<&Component> {
+        self.components
+            .iter()
+            .find(|c| c.name == name)
+            .ok_or_else(|| {
+                Error::InvalidArgument(format!(
+                    "unknown component `{name}`; this pipeline has {}",
+                    self.order.join(", ")
+                ))
+            })
+    }
+
+    /// The device a component computes on.
+    pub fn component_device(&self, name: &str) -> Result<Device> {
+        Ok(self.component(name)?.weights.device())
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.options.device
+    }
+
+    /// Places components as `options.device_map` says (called once the models are built).
+    pub fn apply_device_map(&mut self) -> Result<()> {
+        let Some(spec) = self.options.device_map.clone() else {
+            return Ok(());
+        };
+        if self
+            .components
+            .iter()
+            .any(|c| c.weights.strategy() != Strategy::None)
+        {
+            return Err(Error::InvalidArgument(
+                "a device map cannot be combined with offloading; turn offloading off first".into(),
+            ));
+        }
+        let map = match spec {
+            DeviceMapSpec::Explicit(m) => m,
+            DeviceMapSpec::Balanced { max_memory } => {
+                let sizes: Vec<(String, u64)> = self
+                    .components
+                    .iter()
+                    .map(|c| (c.name.clone(), c.weights.total_bytes()))
+                    .collect();
+                plan_balanced(&sizes, &max_memory)?
+            }
+        };
+        for (name, dev) in &map.placement {
+            let device = parse_device(dev)?;
+            self.component(name)?.weights.set_device(device)?;
+        }
+        self.device_map = Some(map);
+        Ok(())
+    }
+
+    /// The device map in force, if any.
+    pub fn device_map(&self) -> Option<&DeviceMap> {
+        self.device_map.as_ref()
+    }
+
+    /// Puts every component back on the main device, so offloading can be enabled.
+    pub fn reset_device_map(&mut self) -> Result<()> {
+        for c in &self.components {
+            c.weights.set_device(self.options.device.clone())?;
+        }
+        self.device_map = None;
+        Ok(())
+    }
+
+    /// Sets each component's offload strategy. Refused while a device map is in force, as
+    /// diffusers refuses `enable_model_cpu_offload` after `device_map=`.
+    pub fn set_offload(&mut self, plan: &OffloadPlan) -> Result<()> {
+        for name in plan.per_component.keys().chain(&plan.keep_on_device) {
+            self.component(name)?;
+        }
+        let strategy_of = |name: &str| {
+            if plan.keep_on_device.iter().any(|k| k == name) {
+                Strategy::None
+            } else {
+                plan.per_component
+                    .get(name)
+                    .copied()
+                    .unwrap_or(plan.default)
+            }
+        };
+        if self.device_map.is_some()
+            && self
+                .components
+                .iter()
+                .any(|c| strategy_of(&c.name) != Strategy::None)
+        {
+            return Err(Error::InvalidArgument(
+                "offloading cannot be combined with a device map: the pipeline's components are \
+                 placed by --device-map; reset the map first (library: reset_device_map())"
+                    .into(),
+            ));
+        }
+        for c in &self.components {
+            c.weights.set_strategy(strategy_of(&c.name))?;
+        }
+        Ok(())
+    }
+
+    /// Before a component runs: every other offloaded component gives its weights back (in the
+    /// declared order only one is active at a time), and under model offload this one is loaded
+    /// whole.
+    pub fn use_component(&self, name: &str) -> Result<()> {
+        let this = self.component(name)?;
+        for c in &self.components {
+            if c.name != name {
+                c.weights.release()?;
+            }
+        }
+        this.weights.activate()
+    }
+
+    /// After a pipeline call nothing offloaded stays resident (diffusers' `maybe_free_model_hooks`).
+    pub fn free_offloaded(&self) -> Result<()> {
+        for c in &self.components {
+            c.weights.release()?;
+        }
+        Ok(())
+    }
+
+    /// Refuses, before any weight is read, a run whose estimated peak cannot fit in the memory
+    /// available: the resident weights under each component's strategy plus the family's
+    /// activation estimates.
+    pub fn check_memory(&self, activations: &[Need]) -> Result<()> {
+        let weights =
+            crate::residency::resident_estimate(self.components.iter().map(|c| c.weights.as_ref()));
+        let mut needs = vec![Need {
+            what: "weights",
+            bytes: weights,
+        }];
+        needs.extend(activations.iter().map(|n| Need {
+            what: n.what,
+            bytes: n.bytes,
+        }));
+        fits_in_memory(
+            &needs,
+            "use a smaller --width/--height or --num-images, --tiling or --memory-budget for the \
+             VAE, and --offload group or sequential for the weights",
+        )
+    }
+
+    /// Standard normal noise of `shape` from torch's CPU generator, on `component`'s device.
+    pub fn randn(&self, rng: &mut TorchRng, shape: &[usize], component: &str) -> Result<Tensor> {
+        let n = shape.iter().product();
+        let dev = self.component_device(component)?;
+        Ok(Tensor::from_vec(rng.randn(n), shape, &dev)?.to_dtype(self.options.dtype)?)
+    }
+}
+
+/// The memory a VAE decode of `(batch, h, w)` latents needs under `opts` (in f64 terms, so
+/// absurd sizes cannot overflow), plus the output images.
+pub fn vae_decode_needs(
+    vae: &AutoencoderKL,
+    opts: &VaeOptions,
+    batch: usize,
+    h: usize,
+    w: usize,
+) -> Result<[Need; 2]> {
+    let (bf, hf, wf) = (batch as f64, h as f64, w as f64);
+    let per = if opts.slicing { 1.0 } else { bf };
+    let decode = match (opts.memory_budget, opts.tiling || opts.tile_size.is_some()) {
+        // A budget-chosen tile is planned later, within the budget.
+        (Some(b), _) => b as f64,
+        (None, true) => {
+            let t = vae.tiling(opts.tile_size, opts.tile_overlap)?;
+            per * vae.decode_peak_estimate(1, t.tile_latent, t.tile_latent) as f64
+        }
+        (None, false) => {
+            let cap = 1usize << 14;
+            per * vae.decode_peak_estimate(1, h.min(cap), w.min(cap)) as f64
+                * (hf / hf.min(cap as f64))
+                * (wf / wf.min(cap as f64))
+        }
+    };
+    let f = vae.config().scale_factor() as f64;
+    Ok([
+        Need {
+            what: "VAE decode",
+            bytes: decode,
+        },
+        Need {
+            what: "output images",
+            bytes: bf * hf * f * wf * f * 3.0 * 4.0 * 2.0,
+        },
+    ])
+}
+
+/// The denoising loop every family runs: one model call per timestep, a scheduler step, a
+/// finiteness check naming the step, progress.
+pub fn denoise(
+    sched: &mut dyn Scheduler,
+    timesteps: &[f64],
+    mut latents: Tensor,
+    rng: &mut TorchRng,
+    on_step: &mut dyn FnMut(usize, usize),
+    mut model: impl FnMut(&Tensor, f64, &mut dyn Scheduler) -> Result<Tensor>,
+) -> Result<Tensor> {
+    let total = timesteps.len();
+    for (i, &t) in timesteps.iter().enumerate() {
+        let pred = model(&latents, t, sched)?;
+        latents = sched.step(&pred, t, &latents, rng)?;
+        crate::validate::finite(&latents, || {
+            format!(
+                "the latents after denoising step {} of {total} (timestep {t}); check \
+                 --guidance, the initial latents and the scheduler config",
+                i + 1
+            )
+        })?;
+        on_step(i + 1, total);
+    }
+    Ok(latents)
+}
+
+/// VAE-decodes latents as the pipelines do (`z / scaling_factor + shift_factor`) into
+/// (B, H, W, 3) images in [0, 1] on the CPU, failing if the decode is not finite.
+pub fn decode_to_image(vae: &AutoencoderKL, latents: &Tensor, mem: &VaeMemory) -> Result<Tensor> {
+    let cfg = vae.config();
+    let mut z = (latents / cfg.scaling_factor)?;
+    if let Some(s) = cfg.shift_factor {
+        z = (z + s)?;
+    }
+    let x = decode_or_retry_tiled(vae, &z, mem)?;
+    let image = ((x / 2.0)? + 0.5)?
+        .clamp(0f32, 1f32)?
+        .permute((0, 2, 3, 1))?
+        .to_dtype(DType::F32)?
+        .to_device(&Device::Cpu)?
+        .contiguous()?;
+    crate::validate::finite(&image, || {
+        "the VAE's decoded image; check vae/config.json (scaling_factor, shift_factor)".into()
+    })?;
+    Ok(image)
+}
+
+/// Decodes; on a CUDA out-of-memory error during an untiled decode, retries once with
+/// diffusers' default tiling and says so (as ComfyUI does). CPU allocation failures abort the
+/// process instead, which is why runs are checked against the memory available first.
+pub fn decode_or_retry_tiled(vae: &AutoencoderKL, z: &Tensor, mem: &VaeMemory) -> Result<Tensor> {
+    match vae.decode_with(z, mem) {
+        Err(e) if mem.tiling.is_none() && z.device().is_cuda() && is_oom(&e) => {
+            eprintln!("VAE decode ran out of GPU memory; retrying with tiling");
+            let tiled = VaeMemory {
+                tiling: Some(vae.tiling(None, None)?),
+                ..*mem
+            };
+            vae.decode_with(z, &tiled)
+        }
+        other => other,
+    }
+}
+
+fn is_oom(e: &Error) -> bool {
+    let m = e.to_string().to_ascii_lowercase();
+    m.contains("out of memory") || m.contains("out_of_memory")
+}

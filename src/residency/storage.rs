@@ -1,0 +1,222 @@
+//! Low-precision weight storage: the dtype a *resident* weight is kept in, upcast to the compute
+//! dtype inside the layer at forward time and never kept twice — diffusers'
+//! `enable_layerwise_casting(storage_dtype, compute_dtype)`, with its default skip patterns.
+
+use std::collections::BTreeMap;
+
+use candle_core::{DType, Tensor};
+
+use crate::error::{Error, Result};
+
+/// What `--storage-dtype` names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StorageDtype {
+    /// As stored in the checkpoint file.
+    Auto,
+    Dtype(DType),
+    /// fp8 e5m2: candle has no such dtype, so the bytes live in a U8 tensor and are widened
+    /// through a 256-entry table.
+    F8E5M2,
+}
+
+impl StorageDtype {
+    pub const NAMES: &'static str = "auto, f32, bf16, f16, f8e4m3, f8e5m2";
+
+    pub fn parse(s: &str) -> Result<Self> {
+        Ok(match s {
+            "auto" => Self::Auto,
+            "f32" => Self::Dtype(DType::F32),
+            "bf16" => Self::Dtype(DType::BF16),
+            "f16" => Self::Dtype(DType::F16),
+            "f8e4m3" => Self::Dtype(DType::F8E4M3),
+            "f8e5m2" => Self::F8E5M2,
+            other => {
+                return Err(Error::InvalidArgument(format!(
+                    "unknown --storage-dtype `{other}`; choose one of {}",
+                    Self::NAMES
+                )))
+            }
+        })
+    }
+}
+
+/// diffusers' `DEFAULT_SKIP_MODULES_PATTERN` (FLUX's and the UNet's own patterns, `pos_embed`
+/// and `norm`, are among them): layers whose module name matches keep the file's dtype.
+const SKIP_PATTERNS: [&str; 5] = [
+    "pos_embed",
+    "patch_embed",
+    "norm",
+    "^proj_in$",
+    "^proj_out$",
+];
+
+/// Whether diffusers' layerwise casting leaves the parameter `name` alone (`re.search` of each
+/// pattern in the module name).
+pub fn skipped(name: &str) -> bool {
+    let module = name.rsplit_once('.').map_or("", |(m, _)| m);
+    SKIP_PATTERNS.iter().any(|p| match p.strip_prefix('^') {
+        Some(exact) => module == exact.trim_end_matches('$'),
+        None => module.contains(p),
+    })
+}
+
+/// The storage dtype of each component: a bare value applies to the denoiser (transformer or
+/// UNet), `component=dtype` pairs to the components named.
+#[derive(Debug, Clone, Default)]
+pub struct StoragePlan {
+    pub denoiser: Option<StorageDtype>,
+    pub per_component: BTreeMap<String, StorageDtype>,
+}
+
+impl StoragePlan {
+    /// `bf16`, or `text_encoder_2=bf16,transformer=f8e4m3`.
+    pub fn parse(spec: &str) -> Result<Self> {
+        let mut plan = Self::default();
+        for part in spec.split(',').map(str::trim) {
+            match part.split_once('=') {
+                Some((c, d)) => {
+                    plan.per_component
+                        .insert(c.trim().to_string(), StorageDtype::parse(d.trim())?);
+                }
+                None if plan.denoiser.is_none() => plan.denoiser = Some(StorageDtype::parse(part)?),
+                None => {
+                    return Err(Error::InvalidArgument(format!(
+                        "--storage-dtype {spec}: give one bare dtype (for the denoiser) or \
+                         component=dtype pairs"
+                    )))
+                }
+            }
+        }
+        Ok(plan)
+    }
+
+    /// The storage dtype of a component, if any was asked for.
+    pub fn for_component(&self, name: &str, denoiser: bool) -> Option<StorageDtype> {
+        self.per_component
+            .get(name)
+            .copied()
+            .or(if denoiser { self.denoiser } else { None })
+    }
+
+    /// Every named component must exist in the pipeline.
+    pub fn check_components<'a>(&self, names: impl Iterator<Item = &'a str> + Clone) -> Result<()> {
+        for c in self.per_component.keys() {
+            if !names.clone().any(|n| n == c) {
+                return Err(Error::InvalidArgument(format!(
+                    "--storage-dtype names `{c}`, which this pipeline does not have (it has {})",
+                    names.clone().collect::<Vec<_>>().join(", ")
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The dtype one weight is held in, decided per tensor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Held {
+    Dtype(DType),
+    F8E5M2,
+}
+
+impl Held {
+    pub fn size_in_bytes(self) -> usize {
+        match self {
+            Held::Dtype(d) => d.size_in_bytes(),
+            Held::F8E5M2 => 1,
+        }
+    }
+
+    /// The dtype to read the file into before [`Held::narrow`].
+    pub fn read_dtype(self) -> DType {
+        match self {
+            Held::Dtype(d) => d,
+            Held::F8E5M2 => DType::F32,
+        }
+    }
+
+    /// Converts a tensor read as [`Held::read_dtype`] into its held form.
+    pub fn narrow(self, t: Tensor) -> Result<Tensor> {
+        match self {
+            Held::Dtype(_) => Ok(t),
+            Held::F8E5M2 => {
+                let bytes: Vec<u8> = t
+                    .flatten_all()?
+                    .to_vec1::<f32>()?
+                    .into_iter()
+                    .map(|v| float8::F8E5M2::from_f32(v).to_bits())
+                    .collect();
+                Ok(Tensor::from_vec(bytes, t.dims(), t.device())?)
+            }
+        }
+    }
+
+    /// The held tensor in the compute dtype (a no-op when they agree).
+    pub fn widen(self, t: &Tensor, compute: DType) -> Result<Tensor> {
+        match self {
+            Held::Dtype(d) if d == compute => Ok(t.clone()),
+            Held::Dtype(_) => Ok(t.to_dtype(compute)?),
+            Held::F8E5M2 => {
+                let table: Vec<f32> = (0..=255u8)
+                    .map(|b| float8::F8E5M2::from_bits(b).to_f32())
+                    .collect();
+                let vals: Vec<f32> = t
+                    .flatten_all()?
+                    .to_vec1::<u8>()?
+                    .into_iter()
+                    .map(|b| table[b as usize])
+                    .collect();
+                Ok(Tensor::from_vec(vals, t.dims(), t.device())?.to_dtype(compute)?)
+            }
+        }
+    }
+}
+
+/// How a weight with this name, castability and file dtype is held under `storage`.
+pub fn held(
+    storage: Option<StorageDtype>,
+    name: &str,
+    castable: bool,
+    file: DType,
+    compute: DType,
+) -> Held {
+    match storage {
+        None => Held::Dtype(compute),
+        Some(StorageDtype::Auto) => Held::Dtype(file),
+        Some(_) if !castable || skipped(name) => Held::Dtype(file),
+        Some(StorageDtype::Dtype(d)) => Held::Dtype(d),
+        Some(StorageDtype::F8E5M2) => Held::F8E5M2,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn skip_patterns_as_diffusers() {
+        assert!(skipped("transformer_blocks.0.norm1.linear.weight"));
+        assert!(skipped("transformer_blocks.0.attn.norm_q.weight"));
+        assert!(skipped("proj_out.weight"));
+        assert!(!skipped("single_transformer_blocks.0.proj_out.weight"));
+        assert!(!skipped("transformer_blocks.0.attn.to_q.weight"));
+        assert!(skipped("pos_embed.proj.weight"));
+    }
+
+    #[test]
+    fn plans_parse_bare_and_per_component() {
+        let p = StoragePlan::parse("text_encoder_2=bf16,transformer=f8e4m3").unwrap();
+        assert_eq!(
+            p.for_component("transformer", true),
+            Some(StorageDtype::Dtype(DType::F8E4M3))
+        );
+        assert_eq!(
+            p.for_component("text_encoder_2", false),
+            Some(StorageDtype::Dtype(DType::BF16))
+        );
+        let p = StoragePlan::parse("f8e5m2").unwrap();
+        assert_eq!(p.for_component("unet", true), Some(StorageDtype::F8E5M2));
+        assert_eq!(p.for_component("vae", false), None);
+        assert!(StorageDtype::parse("int4").is_err());
+    }
+}
