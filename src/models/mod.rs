@@ -3,10 +3,12 @@
 pub mod autoencoder_kl;
 pub mod blocks;
 pub mod clip;
+pub mod flux_transformer;
 pub mod unet_2d_condition;
 pub mod vae_tiling;
 
 pub use autoencoder_kl::{AutoencoderKL, AutoencoderKLConfig, LatentDist};
 pub use clip::{ClipTextConfig, ClipTextModel};
+pub use flux_transformer::{FluxInputs, FluxTransformer2DModel, FluxTransformerConfig};
 pub use unet_2d_condition::{UNet2DConditionConfig, UNet2DConditionModel};
 pub use vae_tiling::{Tiling, VaeMemory, VaeOptions};
