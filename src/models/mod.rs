@@ -3,12 +3,14 @@
 pub mod autoencoder_kl;
 pub mod blocks;
 pub mod clip;
+pub mod flux_transformer;
 pub mod t5;
 pub mod unet_2d_condition;
 pub mod vae_tiling;
 
 pub use autoencoder_kl::{AutoencoderKL, AutoencoderKLConfig, LatentDist};
 pub use clip::{ClipTextConfig, ClipTextModel, ClipTextOutput};
+pub use flux_transformer::{FluxInputs, FluxTransformer2DModel, FluxTransformerConfig};
 pub use t5::{T5Config, T5EncoderModel};
 pub use unet_2d_condition::{UNet2DConditionConfig, UNet2DConditionModel};
 pub use vae_tiling::{Tiling, VaeMemory, VaeOptions};

@@ -4,6 +4,7 @@ use candle_core::{DType, Tensor};
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
+use crate::layers::embeddings::timestep_embedding;
 use crate::layers::{Conv2d, GroupNorm, Linear};
 use crate::models::blocks::{
     Downsample2D, ResnetBlock2D, Transformer2D, Transformer2DParams, Upsample2D,
@@ -604,32 +605,17 @@ impl UNet2DConditionModel {
 
     /// Sinusoidal timestep embedding, as diffusers' `get_timestep_embedding`.
     fn time_proj(&self, t: &[f64], dtype: DType) -> Result<Tensor> {
+        let t: Vec<f32> = t.iter().map(|&x| x as f32).collect();
         let dim = self.cfg.block_out_channels[0];
-        let half = dim / 2;
-        let max_period = 10000f64;
-        let freqs: Vec<f32> = (0..half)
-            .map(|i| {
-                // diffusers computes the exponent and exp in float32.
-                let e = (-(max_period.ln() as f32) * i as f32)
-                    / (half as f32 - self.cfg.freq_shift as f32);
-                e.exp()
-            })
-            .collect();
-        let mut rows = Vec::with_capacity(t.len() * dim);
-        for &ts in t {
-            let args: Vec<f32> = freqs.iter().map(|f| ts as f32 * f).collect();
-            let sin = args.iter().map(|a| a.sin());
-            let cos = args.iter().map(|a| a.cos());
-            if self.cfg.flip_sin_to_cos {
-                rows.extend(cos.chain(sin));
-            } else {
-                rows.extend(sin.chain(cos));
-            }
-            if dim % 2 == 1 {
-                rows.push(0.0);
-            }
-        }
-        Ok(Tensor::from_vec(rows, (t.len(), dim), &self.src.device())?.to_dtype(dtype)?)
+        let device = self.src.device();
+        let emb = timestep_embedding(
+            &t,
+            dim,
+            self.cfg.flip_sin_to_cos,
+            self.cfg.freq_shift,
+            &device,
+        )?;
+        Ok(emb.to_dtype(dtype)?)
     }
 
     /// Predicts noise (or v) for `sample` (B,C,h,w) at timestep `t` given text `context`.

@@ -7,6 +7,7 @@
 mod ddim;
 mod dpmpp_2m;
 mod euler;
+mod flow_match;
 mod pndm;
 
 use candle_core::Tensor;
@@ -18,6 +19,9 @@ use crate::rng::TorchRng;
 pub use ddim::Ddim;
 pub use dpmpp_2m::DpmSolverMultistep;
 pub use euler::{Euler, EulerAncestral};
+pub use flow_match::{
+    calculate_shift, flux_sigmas, FlowMatchConfig, FlowMatchEulerDiscrete, TimeShift,
+};
 pub use pndm::Pndm;
 
 const FILE: &str = "scheduler/scheduler_config.json";
@@ -55,6 +59,17 @@ pub struct SchedulerConfig {
     pub timestep_type: Option<String>,
     pub lambda_min_clipped: Option<f64>,
     pub variance_type: Option<String>,
+    // FlowMatchEulerDiscreteScheduler.
+    pub shift: Option<f64>,
+    pub use_dynamic_shifting: Option<bool>,
+    pub base_shift: Option<f64>,
+    pub max_shift: Option<f64>,
+    pub base_image_seq_len: Option<usize>,
+    pub max_image_seq_len: Option<usize>,
+    pub invert_sigmas: Option<bool>,
+    pub shift_terminal: Option<f64>,
+    pub time_shift_type: Option<String>,
+    pub stochastic_sampling: Option<bool>,
 }
 
 /// The schedulers lowtide implements, by their CLI names.
