@@ -5,6 +5,7 @@
 //! order and writes its `run`. [`load`] picks the family from `model_index.json`'s `_class_name`.
 
 pub mod base;
+pub mod flux;
 pub mod loader;
 pub mod stable_diffusion;
 pub mod vae;
@@ -14,6 +15,7 @@ use std::path::Path;
 use candle_core::Tensor;
 
 pub use base::{decode_or_retry_tiled, DeviceMapSpec, LoadOptions, OffloadPlan, PipelineBase};
+pub use flux::Flux;
 pub use loader::{hf_cache_dir, resolve_model, Component, ModelIndex};
 pub use stable_diffusion::{StableDiffusion, OFFLOAD_ORDER};
 pub use vae::load_vae;
@@ -146,10 +148,13 @@ pub trait Pipeline: Send + Sync {
 type Loader = fn(&Path, LoadOptions) -> Result<Box<dyn Pipeline>>;
 
 /// The families lowtide runs, by `model_index.json` `_class_name`.
-fn families() -> [(&'static [&'static str], Loader); 1] {
-    [(stable_diffusion::CLASSES, |r, o| {
-        Ok(Box::new(StableDiffusion::load(r, o)?))
-    })]
+fn families() -> [(&'static [&'static str], Loader); 2] {
+    [
+        (stable_diffusion::CLASSES, |r, o| {
+            Ok(Box::new(StableDiffusion::load(r, o)?))
+        }),
+        (flux::CLASSES, |r, o| Ok(Box::new(Flux::load(r, o)?))),
+    ]
 }
 
 /// Opens the pipeline in `root`, choosing the family from `model_index.json`.
