@@ -8,7 +8,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
 
 use common::*;
-use lowtide::pipelines::{GenerateRequest, LoadOptions, StableDiffusion};
+use lowtide::pipelines::{self, GenerateRequest, LoadOptions};
 use lowtide::weights::WeightStore;
 
 /// xorshift64*: a fixed, dependency-free stream so failures reproduce.
@@ -140,34 +140,30 @@ fn mutate_json(path: &Path, rng: &mut Rng) -> String {
     what
 }
 
-#[test]
-fn config_files_never_panic() {
-    let (_t, p) = scratch_pipeline();
-    let files = [
-        "unet/config.json",
-        "vae/config.json",
-        "text_encoder/config.json",
-        "scheduler/scheduler_config.json",
-        "model_index.json",
-    ];
+/// Mutates one value of one config file per case, loads the pipeline and (every few cases)
+/// runs a short generate: nothing may panic.
+fn fuzz_configs(name: &str, files: &[&str], seed: u64, cases: usize, size: usize) {
+    let (_t, p) = scratch(name);
     let originals: Vec<Vec<u8>> = files
         .iter()
         .map(|f| std::fs::read(p.join(f)).unwrap())
         .collect();
-    let mut rng = Rng(0xc0ff_ee00);
+    let mut rng = Rng(seed);
     let mut ran = 0;
-    for case in 0..240 {
+    for case in 0..cases {
         let fi = rng.below(files.len());
         let what = mutate_json(&p.join(files[fi]), &mut rng);
-        let loaded = no_panic(&what, || StableDiffusion::load(&p, LoadOptions::default()));
+        let loaded = no_panic(&what, || pipelines::load(&p, LoadOptions::default()));
         if let Ok(pipe) = loaded {
-            // Run what loaded: a short generate (every few cases, to bound the time).
             if case % 4 == 0 {
+                let (steps, guidance) = pipe.defaults();
                 let req = GenerateRequest {
                     prompt: "x".into(),
-                    steps: 2,
-                    width: Some(16),
-                    height: Some(16),
+                    steps: steps.min(2),
+                    guidance,
+                    width: Some(size),
+                    height: Some(size),
+                    max_sequence_length: name.contains("flux").then_some(8),
                     ..Default::default()
                 };
                 no_panic(&what, || {
@@ -179,4 +175,39 @@ fn config_files_never_panic() {
         std::fs::write(p.join(files[fi]), &originals[fi]).unwrap();
     }
     assert!(ran > 0);
+}
+
+#[test]
+fn config_files_never_panic() {
+    fuzz_configs(
+        "tiny-sd15",
+        &[
+            "unet/config.json",
+            "vae/config.json",
+            "text_encoder/config.json",
+            "scheduler/scheduler_config.json",
+            "model_index.json",
+        ],
+        0xc0ff_ee00,
+        240,
+        16,
+    );
+}
+
+#[test]
+fn flux_config_files_never_panic() {
+    fuzz_configs(
+        "tiny-flux-schnell",
+        &[
+            "transformer/config.json",
+            "text_encoder_2/config.json",
+            "text_encoder/config.json",
+            "vae/config.json",
+            "scheduler/scheduler_config.json",
+            "model_index.json",
+        ],
+        0xf107_0001,
+        240,
+        32,
+    );
 }
