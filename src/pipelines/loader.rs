@@ -181,8 +181,9 @@ pub fn resolve_model(arg: &str, variant: Option<&str>) -> Result<PathBuf> {
     })
 }
 
-/// Fetches what a Stable Diffusion pipeline needs into the hub cache (hf-hub), returning the
-/// snapshot folder.
+/// Fetches what a pipeline needs into the hub cache (hf-hub): `model_index.json`, then for each
+/// component it lists, its config, tokenizer files and weights (single file, or the shard index
+/// and every shard it names), returning the snapshot folder.
 fn download(
     repo: &str,
     variant: Option<&str>,
@@ -198,23 +199,47 @@ fn download(
         .parent()
         .ok_or("unexpected cache layout")?
         .to_path_buf();
+    let components = ModelIndex::read(&root).map_err(|e| e.to_string())?.components;
     let v = variant.map(|v| format!(".{v}")).unwrap_or_default();
-    let files = [
-        "scheduler/scheduler_config.json".to_string(),
-        "text_encoder/config.json".into(),
-        format!("text_encoder/model{v}.safetensors"),
-        "tokenizer/vocab.json".into(),
-        "tokenizer/merges.txt".into(),
-        "tokenizer/tokenizer_config.json".into(),
-        "tokenizer/special_tokens_map.json".into(),
-        "unet/config.json".into(),
-        format!("unet/diffusion_pytorch_model{v}.safetensors"),
-        "vae/config.json".into(),
-        format!("vae/diffusion_pytorch_model{v}.safetensors"),
-    ];
-    for f in files {
-        // Optional files (special_tokens_map, say) may be absent; required ones are checked at load.
-        let _ = r.get(&f);
+    for (name, (lib, _)) in components {
+        if lib.is_none() {
+            continue;
+        }
+        // Optional files (special_tokens_map, say) may be absent; required ones are checked at
+        // load, with a message naming them.
+        for f in [
+            "config.json",
+            "scheduler_config.json",
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "special_tokens_map.json",
+            "vocab.json",
+            "merges.txt",
+        ] {
+            let _ = r.get(&format!("{name}/{f}"));
+        }
+        for stem in ["diffusion_pytorch_model", "model"] {
+            if r.get(&format!("{name}/{stem}{v}.safetensors")).is_ok() {
+                break;
+            }
+            let idx = format!("{name}/{stem}.safetensors.index{v}.json");
+            if let Ok(p) = r.get(&idx) {
+                let shards: Vec<String> = std::fs::read_to_string(&p)
+                    .ok()
+                    .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+                    .and_then(|j| j.get("weight_map").cloned())
+                    .and_then(|m| m.as_object().cloned())
+                    .map(|m| m.values().filter_map(|s| s.as_str().map(String::from)).collect())
+                    .unwrap_or_default();
+                let mut shards = shards;
+                shards.sort();
+                shards.dedup();
+                for s in shards {
+                    r.get(&format!("{name}/{s}")).map_err(|e| e.to_string())?;
+                }
+                break;
+            }
+        }
     }
     Ok(root)
 }
