@@ -93,11 +93,35 @@ impl FluxTransformerConfig {
         use crate::validate::count;
         count(FILE, "num_layers", self.num_layers, 0, 1024)?;
         count(FILE, "num_single_layers", self.num_single_layers, 0, 1024)?;
-        count(FILE, "num_attention_heads", self.num_attention_heads, 1, 1024)?;
-        count(FILE, "attention_head_dim", self.attention_head_dim, 1, 1 << 12)?;
+        count(
+            FILE,
+            "num_attention_heads",
+            self.num_attention_heads,
+            1,
+            1024,
+        )?;
+        count(
+            FILE,
+            "attention_head_dim",
+            self.attention_head_dim,
+            1,
+            1 << 12,
+        )?;
         count(FILE, "in_channels", self.in_channels, 1, 1 << 16)?;
-        count(FILE, "joint_attention_dim", self.joint_attention_dim, 1, 1 << 16)?;
-        count(FILE, "pooled_projection_dim", self.pooled_projection_dim, 1, 1 << 16)?;
+        count(
+            FILE,
+            "joint_attention_dim",
+            self.joint_attention_dim,
+            1,
+            1 << 16,
+        )?;
+        count(
+            FILE,
+            "pooled_projection_dim",
+            self.pooled_projection_dim,
+            1,
+            1 << 16,
+        )?;
         if let Some(o) = self.out_channels {
             count(FILE, "out_channels", o, 1, 1 << 16)?;
         }

@@ -199,7 +199,9 @@ fn download(
         .parent()
         .ok_or("unexpected cache layout")?
         .to_path_buf();
-    let components = ModelIndex::read(&root).map_err(|e| e.to_string())?.components;
+    let components = ModelIndex::read(&root)
+        .map_err(|e| e.to_string())?
+        .components;
     let v = variant.map(|v| format!(".{v}")).unwrap_or_default();
     for (name, (lib, _)) in components {
         if lib.is_none() {
@@ -229,7 +231,11 @@ fn download(
                     .and_then(|t| serde_json::from_str::<Value>(&t).ok())
                     .and_then(|j| j.get("weight_map").cloned())
                     .and_then(|m| m.as_object().cloned())
-                    .map(|m| m.values().filter_map(|s| s.as_str().map(String::from)).collect())
+                    .map(|m| {
+                        m.values()
+                            .filter_map(|s| s.as_str().map(String::from))
+                            .collect()
+                    })
                     .unwrap_or_default();
                 let mut shards = shards;
                 shards.sort();

@@ -48,8 +48,29 @@ fn read_typed<T: Copy + Default>(
     let bytes = unsafe {
         std::slice::from_raw_parts_mut(v.as_mut_ptr() as *mut u8, n * std::mem::size_of::<T>())
     };
+    advise_huge_pages(bytes);
     read(bytes)?;
     Ok(v)
+}
+
+/// Asks the kernel to back a large, not yet touched buffer with transparent huge pages: the read
+/// that fills it then faults 2 MiB pages instead of 4 KiB ones (measured: a 9.6 GB checkpoint
+/// read spent a fifth of its time in page faults and page clearing). Only a hint: a kernel
+/// without THP, or in `never` mode, ignores it.
+fn advise_huge_pages(buf: &mut [u8]) {
+    const HUGE: usize = 2 << 20;
+    if buf.len() < 4 * HUGE {
+        return;
+    }
+    let start = (buf.as_mut_ptr() as usize).next_multiple_of(HUGE);
+    let end = (buf.as_mut_ptr() as usize + buf.len()) & !(HUGE - 1);
+    if end > start {
+        // SAFETY: the range lies inside `buf`, which this process owns; madvise only changes how
+        // the kernel backs those pages, not their contents or validity.
+        unsafe {
+            libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE);
+        }
+    }
 }
 
 /// Whether `dir` holds a `{stem}` checkpoint of this variant (single file or sharded index).
