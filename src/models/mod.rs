@@ -7,6 +7,7 @@ pub mod flux_transformer;
 pub mod t5;
 pub mod unet_2d_condition;
 pub mod vae_tiling;
+pub mod wan_transformer;
 
 pub use autoencoder_kl::{AutoencoderKL, AutoencoderKLConfig, LatentDist};
 pub use clip::{ClipTextConfig, ClipTextModel, ClipTextOutput};
@@ -14,3 +15,4 @@ pub use flux_transformer::{FluxInputs, FluxTransformer2DModel, FluxTransformerCo
 pub use t5::{wan_prompt_embeds, T5Config, T5EncoderModel};
 pub use unet_2d_condition::{UNet2DConditionConfig, UNet2DConditionModel};
 pub use vae_tiling::{Tiling, VaeMemory, VaeOptions};
+pub use wan_transformer::{WanInputs, WanTransformer3DModel, WanTransformerConfig};
