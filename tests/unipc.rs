@@ -232,6 +232,18 @@ fn reachable_by_name_and_through_build() {
     let b = FlowMatchEulerDiscrete::with_flow_shift(&cfg, 10).unwrap();
     assert_eq!(a.timesteps(), b.timesteps());
     assert_eq!(b.config().shift, 3.0);
+    // Not on a noise-prediction model's config.
+    let sd: SchedulerConfig = serde_json::from_str(
+        &std::fs::read_to_string(model("tiny-sd15").join("scheduler/scheduler_config.json"))
+            .unwrap(),
+    )
+    .unwrap();
+    assert!(build(SchedulerKind::FlowEuler, &sd, 10).is_err());
+    let err = build(SchedulerKind::UniPc, &sd, 10)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("`use_flow_sigmas`"), "{err}");
 }
 
 #[test]

@@ -176,9 +176,19 @@ pub fn build(
     match kind {
         SchedulerKind::UniPc => return Ok(Box::new(UniPcMultistep::new(cfg, steps)?)),
         SchedulerKind::FlowEuler => {
+            // A flow schedule on an epsilon/v model (SD) would run and give noise.
+            let flow = cfg.prediction_type.as_deref() == Some("flow_prediction")
+                || cfg.class_name.as_deref() == Some("FlowMatchEulerDiscreteScheduler");
+            if !flow {
+                return Err(Error::InvalidArgument(
+                    "--scheduler flow-euler is for flow-matching models (Wan); this model's \
+                     scheduler config is not one"
+                        .into(),
+                ));
+            }
             return Ok(Box::new(FlowMatchEulerDiscrete::with_flow_shift(
                 cfg, steps,
-            )?))
+            )?));
         }
         _ => {}
     }
