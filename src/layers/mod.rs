@@ -7,8 +7,10 @@ use crate::error::Result;
 
 pub mod conv2d;
 pub mod embeddings;
+pub mod mlp;
 pub mod norm;
 use crate::residency::{Param, ParamPath};
+pub use mlp::{FeedForward, Mlp};
 
 pub struct Linear {
     weight: Param,
@@ -214,6 +216,30 @@ impl LayerNorm {
     }
 }
 
+/// LayerNorm over the last axis in f32 with a centred second pass for the variance (candle's
+/// fused `layer_norm` takes `E[x²] - E[x]²` in one pass, which loses digits on the large
+/// activations of diffusion transformers), then the optional affine in f32; returns `x`'s dtype.
+/// diffusers' `LayerNorm(elementwise_affine=False)` in FLUX and `FP32LayerNorm` in Wan.
+pub fn layer_norm_f32(
+    x: &Tensor,
+    weight: Option<&Tensor>,
+    bias: Option<&Tensor>,
+    eps: f64,
+) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let xf = x.to_dtype(DType::F32)?;
+    let centred = xf.broadcast_sub(&xf.mean_keepdim(D::Minus1)?)?;
+    let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
+    let mut y = centred.broadcast_div(&(var + eps)?.sqrt()?)?;
+    if let Some(w) = weight {
+        y = y.broadcast_mul(&w.to_dtype(DType::F32)?)?;
+    }
+    if let Some(b) = bias {
+        y = y.broadcast_add(&b.to_dtype(DType::F32)?)?;
+    }
+    Ok(y.to_dtype(dtype)?)
+}
+
 /// Root-mean-square norm with a learned scale and no bias or mean subtraction: T5's
 /// `T5LayerNorm` and diffusers' `RMSNorm` (FLUX's QK norm). Statistics in f32, as both do.
 pub struct RmsNorm {
@@ -265,6 +291,9 @@ impl Embedding {
 pub enum Activation {
     Silu,
     Gelu,
+    /// The tanh approximation (torch's `GELU(approximate="tanh")`, diffusers' `gelu_tanh`);
+    /// not a `hidden_act` name [`Activation::parse`] accepts.
+    GeluTanh,
     QuickGelu,
 }
 
@@ -290,6 +319,7 @@ impl Activation {
             Activation::Silu => x.silu()?,
             // Exact (erf) GELU, as torch's default.
             Activation::Gelu => x.gelu_erf()?,
+            Activation::GeluTanh => x.gelu()?,
             Activation::QuickGelu => (x * candle_nn::ops::sigmoid(&(x * 1.702)?)?)?,
         })
     }

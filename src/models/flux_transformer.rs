@@ -2,12 +2,12 @@
 //! FLUX.1 MMDiT. Double-stream blocks keep text and image tokens in separate weights and attend
 //! jointly; single-stream blocks run on the concatenated sequence. Every block is an offload unit.
 
-use candle_core::{DType, Tensor, D};
+use candle_core::{DType, Tensor};
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
 use crate::layers::embeddings::{apply_rope, flux_rope, timestep_embedding};
-use crate::layers::{attention, Linear, RmsNorm};
+use crate::layers::{attention, layer_norm_f32, Activation, FeedForward, Linear, Mlp, RmsNorm};
 use crate::residency::{ModuleScope, ParamPath, UnitScope, WeightProvider};
 
 const FILE: &str = "transformer/config.json";
@@ -17,6 +17,8 @@ const ROPE_THETA: f64 = 10000.0;
 const TIME_PROJ_DIM: usize = 256;
 /// Every LayerNorm and QK RMSNorm of the model.
 const NORM_EPS: f64 = 1e-6;
+/// `TimestepEmbedding` and `PixArtAlphaTextProjection(act_fn="silu")`.
+const SILU: Activation = Activation::Silu;
 
 fn d_1() -> usize {
     1
@@ -183,47 +185,6 @@ impl FluxTransformerConfig {
     }
 }
 
-/// `linear_2(silu(linear_1(x)))`: diffusers' `TimestepEmbedding` and
-/// `PixArtAlphaTextProjection(act_fn="silu")`, which share parameter names.
-struct SiluMlp {
-    linear_1: Linear,
-    linear_2: Linear,
-}
-
-impl SiluMlp {
-    fn new(pp: &ParamPath, in_dim: usize, dim: usize) -> Self {
-        Self {
-            linear_1: Linear::new(&pp.pp("linear_1"), in_dim, dim, true),
-            linear_2: Linear::new(&pp.pp("linear_2"), dim, dim, true),
-        }
-    }
-
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.linear_2.forward(&self.linear_1.forward(x)?.silu()?)
-    }
-}
-
-/// `FeedForward(activation_fn="gelu-approximate")`: `net.2(gelu_tanh(net.0.proj(x)))`.
-struct FeedForward {
-    proj: Linear,
-    out: Linear,
-}
-
-impl FeedForward {
-    fn new(pp: &ParamPath, dim: usize) -> Self {
-        let net = pp.pp("net");
-        Self {
-            proj: Linear::new(&net.pp(0).pp("proj"), dim, dim * 4, true),
-            out: Linear::new(&net.pp(2), dim * 4, dim, true),
-        }
-    }
-
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        // candle's `gelu` is the tanh approximation (torch's `approximate="tanh"`).
-        self.out.forward(&self.proj.forward(x)?.gelu()?)
-    }
-}
-
 /// q/k/v projections with their per-head RMS norm, giving (batch, heads, seq, head_dim).
 struct QkvProj {
     q: Linear,
@@ -269,21 +230,10 @@ fn rope_attention(q: &Tensor, k: &Tensor, v: &Tensor, rope: &Rope) -> Result<Ten
         .reshape((b, n, h * hd))?)
 }
 
-/// `LayerNorm(elementwise_affine=False, eps=1e-6)` in f32 with a centred second pass (the
-/// one-pass `E[x²] - E[x]²` loses digits on FLUX's large activations).
-fn layer_norm(x: &Tensor) -> Result<Tensor> {
-    let dtype = x.dtype();
-    let xf = x.to_dtype(DType::F32)?;
-    let centred = xf.broadcast_sub(&xf.mean_keepdim(D::Minus1)?)?;
-    let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
-    Ok(centred
-        .broadcast_div(&(var + NORM_EPS)?.sqrt()?)?
-        .to_dtype(dtype)?)
-}
-
 /// `norm(x) * (1 + scale[:, None]) + shift[:, None]`: adaLN modulation by per-sample vectors.
 fn modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
-    Ok(layer_norm(x)?
+    // `LayerNorm(elementwise_affine=False, eps=1e-6)`.
+    Ok(layer_norm_f32(x, None, None, NORM_EPS)?
         .broadcast_mul(&(scale + 1.0)?.unsqueeze(1)?)?
         .broadcast_add(&shift.unsqueeze(1)?)?)
 }
@@ -344,8 +294,8 @@ impl DoubleBlock {
             ),
             to_out: Linear::new(&a.pp("to_out").pp(0), dim, dim, true),
             to_add_out: Linear::new(&a.pp("to_add_out"), dim, dim, true),
-            ff: FeedForward::new(&pp.pp("ff"), dim),
-            ff_context: FeedForward::new(&pp.pp("ff_context"), dim),
+            ff: FeedForward::new(&pp.pp("ff"), dim, dim * 4),
+            ff_context: FeedForward::new(&pp.pp("ff_context"), dim, dim * 4),
             hd,
         }
     }
@@ -455,9 +405,9 @@ pub struct FluxTransformer2DModel {
     src: std::sync::Arc<dyn WeightProvider>,
     x_embedder: Linear,
     context_embedder: Linear,
-    timestep_embedder: SiluMlp,
-    guidance_embedder: Option<SiluMlp>,
-    text_embedder: SiluMlp,
+    timestep_embedder: Mlp,
+    guidance_embedder: Option<Mlp>,
+    text_embedder: Mlp,
     blocks: Vec<DoubleBlock>,
     single_blocks: Vec<SingleBlock>,
     norm_out: Linear,
@@ -480,11 +430,16 @@ impl FluxTransformer2DModel {
                 dim,
                 true,
             ),
-            timestep_embedder: SiluMlp::new(&tte.pp("timestep_embedder"), TIME_PROJ_DIM, dim),
+            timestep_embedder: Mlp::new(&tte.pp("timestep_embedder"), TIME_PROJ_DIM, dim, SILU),
             guidance_embedder: cfg
                 .guidance_embeds
-                .then(|| SiluMlp::new(&tte.pp("guidance_embedder"), TIME_PROJ_DIM, dim)),
-            text_embedder: SiluMlp::new(&tte.pp("text_embedder"), cfg.pooled_projection_dim, dim),
+                .then(|| Mlp::new(&tte.pp("guidance_embedder"), TIME_PROJ_DIM, dim, SILU)),
+            text_embedder: Mlp::new(
+                &tte.pp("text_embedder"),
+                cfg.pooled_projection_dim,
+                dim,
+                SILU,
+            ),
             blocks: (0..cfg.num_layers)
                 .map(|i| DoubleBlock::new(&pp.pp("transformer_blocks").pp(i), heads, hd))
                 .collect(),

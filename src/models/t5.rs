@@ -367,6 +367,19 @@ impl T5EncoderModel {
     /// otherwise. transformers does much the same (`wo` is in `_keep_in_fp32_modules` under
     /// f16, and adding its f32 output promotes the residual stream to f32).
     pub fn forward(&self, ids: &Tensor, dtype: DType) -> Result<Tensor> {
+        self.encode(ids, None, dtype)
+    }
+
+    /// [`T5EncoderModel::forward`] with an attention mask (batch, seq), 1 (or any positive
+    /// value) for real tokens and 0 for padding, as transformers' `UMT5EncoderModel(input_ids,
+    /// attention_mask)` runs it for Wan: masked keys get the most negative f32 added to their
+    /// scores, so no token attends to padding (padding rows still get outputs, which
+    /// [`wan_prompt_embeds`] then zeroes).
+    pub fn forward_masked(&self, ids: &Tensor, mask: &Tensor, dtype: DType) -> Result<Tensor> {
+        self.encode(ids, Some(mask), dtype)
+    }
+
+    fn encode(&self, ids: &Tensor, mask: Option<&Tensor>, dtype: DType) -> Result<Tensor> {
         let (b, seq) = ids.dims2()?;
         if b == 0 || seq == 0 {
             return Err(Error::InvalidArgument(format!(
@@ -380,6 +393,7 @@ impl T5EncoderModel {
                 self.cfg.vocab_size
             )));
         }
+        let mask_bias = mask.map(|m| key_mask_bias(m, b, seq)).transpose()?;
         let stream = if dtype == DType::F16 {
             DType::F32
         } else {
@@ -399,7 +413,12 @@ impl T5EncoderModel {
         for blk in &self.blocks {
             x = blk.unit.run(|| {
                 if let Some(rb) = &blk.rel_bias {
-                    bias = Some(rb.forward(seq, seq, ids.device())?);
+                    let rel = rb.forward(seq, seq, ids.device())?;
+                    // The mask is 0 on real keys, so adding it leaves their bias exact.
+                    bias = Some(match &mask_bias {
+                        Some(m) => rel.broadcast_add(m)?,
+                        None => rel,
+                    });
                 }
                 let h = blk.ln_attn.forward(&x)?.to_dtype(dtype)?;
                 let (q, k, v) = (
@@ -429,6 +448,57 @@ impl T5EncoderModel {
         scope.exit()?;
         Ok(out)
     }
+}
+
+/// The additive key mask (batch, 1, 1, seq) of an attention mask (batch, seq): 0 where the
+/// mask is positive, `f32::MIN` elsewhere (transformers' `finfo(float32).min`).
+fn key_mask_bias(mask: &Tensor, b: usize, seq: usize) -> Result<Tensor> {
+    if mask.dims() != [b, seq] {
+        return Err(Error::InvalidArgument(format!(
+            "T5 encoder: attention mask has shape {:?}, the input ids ({b}, {seq})",
+            mask.dims()
+        )));
+    }
+    let rows = mask.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+    if let Some(i) = rows.iter().position(|r| !r.iter().any(|&v| v > 0.0)) {
+        return Err(Error::InvalidArgument(format!(
+            "T5 encoder: attention mask row {i} masks every token"
+        )));
+    }
+    let bias: Vec<f32> = rows
+        .iter()
+        .flatten()
+        .map(|&v| if v > 0.0 { 0.0 } else { f32::MIN })
+        .collect();
+    Ok(Tensor::from_vec(bias, (b, 1, 1, seq), mask.device())?)
+}
+
+/// What diffusers' Wan pipeline (`_get_t5_prompt_embeds`) makes of the UMT5 output: per prompt,
+/// the first `seq_len` rows (`seq_len` = the number of positive mask entries) followed by zero
+/// rows up to the padded length. `last_hidden_state` (batch, max_sequence_length, d_model) and
+/// `mask` (batch, max_sequence_length) as given to [`T5EncoderModel::forward_masked`]; the
+/// result has `last_hidden_state`'s shape and dtype.
+pub fn wan_prompt_embeds(last_hidden_state: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    let (b, len, d) = last_hidden_state.dims3()?;
+    if mask.dims() != [b, len] {
+        return Err(Error::InvalidArgument(format!(
+            "Wan prompt embeddings: mask has shape {:?}, expected ({b}, {len})",
+            mask.dims()
+        )));
+    }
+    let rows = mask.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+    let mut out = Vec::with_capacity(b);
+    for (i, r) in rows.iter().enumerate() {
+        let n = r.iter().filter(|&&v| v > 0.0).count();
+        let kept = last_hidden_state.get(i)?.narrow(0, 0, n)?;
+        let pad = Tensor::zeros(
+            (len - n, d),
+            last_hidden_state.dtype(),
+            last_hidden_state.device(),
+        )?;
+        out.push(Tensor::cat(&[kept, pad], 0)?);
+    }
+    Ok(Tensor::stack(&out, 0)?)
 }
 
 #[cfg(test)]

@@ -315,6 +315,27 @@ impl FlowMatchEulerDiscrete {
         })
     }
 
+    /// The Euler alternative to a Wan pipeline's UniPC: `FlowMatchEulerDiscreteScheduler`
+    /// from that UniPC config with `shift = flow_shift` (what
+    /// `FlowMatchEulerDiscreteScheduler.from_config(unipc_config, shift=flow_shift)` gives), then
+    /// `set_timesteps(steps)` without custom sigmas, as `WanPipeline` calls it.
+    pub fn with_flow_shift(cfg: &SchedulerConfig, steps: usize) -> Result<Self> {
+        let shift = finite("flow_shift", cfg.flow_shift.unwrap_or(1.0))?;
+        if shift <= 0.0 {
+            return Err(Error::unsupported(
+                FILE,
+                "flow_shift",
+                shift,
+                "must be positive",
+            ));
+        }
+        let fm = FlowMatchConfig {
+            shift,
+            ..FlowMatchConfig::from_config(cfg)?
+        };
+        Self::with_config(fm, steps, None, None)
+    }
+
     pub fn config(&self) -> &FlowMatchConfig {
         &self.cfg
     }

@@ -9,6 +9,7 @@ mod dpmpp_2m;
 mod euler;
 mod flow_match;
 mod pndm;
+mod unipc;
 
 use candle_core::Tensor;
 use serde::Deserialize;
@@ -23,6 +24,7 @@ pub use flow_match::{
     calculate_shift, flux_sigmas, FlowMatchConfig, FlowMatchEulerDiscrete, TimeShift,
 };
 pub use pndm::Pndm;
+pub use unipc::{FinalSigma, SolverType, UniPcConfig, UniPcMultistep};
 
 const FILE: &str = "scheduler/scheduler_config.json";
 
@@ -70,6 +72,12 @@ pub struct SchedulerConfig {
     pub shift_terminal: Option<f64>,
     pub time_shift_type: Option<String>,
     pub stochastic_sampling: Option<bool>,
+    // UniPCMultistepScheduler.
+    pub use_flow_sigmas: Option<bool>,
+    pub flow_shift: Option<f64>,
+    pub predict_x0: Option<bool>,
+    pub disable_corrector: Option<Vec<usize>>,
+    pub solver_p: Option<serde_json::Value>,
 }
 
 /// The schedulers lowtide implements, by their CLI names.
@@ -80,10 +88,15 @@ pub enum SchedulerKind {
     Euler,
     EulerAncestral,
     DpmPp2m,
+    /// `UniPCMultistepScheduler` on flow sigmas (Wan).
+    UniPc,
+    /// `FlowMatchEulerDiscreteScheduler` with the static shift of a UniPC config's
+    /// `flow_shift` (Wan's alternative).
+    FlowEuler,
 }
 
 impl SchedulerKind {
-    pub const NAMES: &'static str = "pndm, ddim, euler, euler-a, dpmpp-2m";
+    pub const NAMES: &'static str = "pndm, ddim, euler, euler-a, dpmpp-2m, unipc, flow-euler";
 
     pub fn from_cli(name: &str) -> Result<Self> {
         Ok(match name {
@@ -92,6 +105,8 @@ impl SchedulerKind {
             "euler" => Self::Euler,
             "euler-a" => Self::EulerAncestral,
             "dpmpp-2m" => Self::DpmPp2m,
+            "unipc" => Self::UniPc,
+            "flow-euler" => Self::FlowEuler,
             other => {
                 return Err(Error::InvalidArgument(format!(
                     "unknown scheduler `{other}`; choose one of {}",
@@ -156,6 +171,27 @@ pub fn build(
     if steps == 0 {
         return Err(Error::InvalidArgument("--steps must be at least 1".into()));
     }
+    // The flow-matching schedulers read their own config fields and build their own schedule
+    // (float timesteps for flow-euler, repeats allowed mid-schedule for UniPC).
+    match kind {
+        SchedulerKind::UniPc => return Ok(Box::new(UniPcMultistep::new(cfg, steps)?)),
+        SchedulerKind::FlowEuler => {
+            // A flow schedule on an epsilon/v model (SD) would run and give noise.
+            let flow = cfg.prediction_type.as_deref() == Some("flow_prediction")
+                || cfg.class_name.as_deref() == Some("FlowMatchEulerDiscreteScheduler");
+            if !flow {
+                return Err(Error::InvalidArgument(
+                    "--scheduler flow-euler is for flow-matching models (Wan); this model's \
+                     scheduler config is not one"
+                        .into(),
+                ));
+            }
+            return Ok(Box::new(FlowMatchEulerDiscrete::with_flow_shift(
+                cfg, steps,
+            )?));
+        }
+        _ => {}
+    }
     let common = Common::new(kind, cfg)?;
     if steps > common.num_train_timesteps {
         return Err(Error::InvalidArgument(format!(
@@ -171,6 +207,9 @@ pub fn build(
         SchedulerKind::Euler => Box::new(Euler::new(common, cfg, steps)?),
         SchedulerKind::EulerAncestral => Box::new(EulerAncestral::new(common, cfg, steps)?),
         SchedulerKind::DpmPp2m => Box::new(DpmSolverMultistep::new(common, cfg, steps)?),
+        SchedulerKind::UniPc | SchedulerKind::FlowEuler => {
+            return Err(Error::InvalidArgument(format!("{kind:?} is built above")))
+        }
     };
     // Every timestep must index the training schedule; checked here, before any model work,
     // instead of failing at the step that would read past the table.
@@ -254,7 +293,9 @@ impl Common {
             | SchedulerKind::Ddim
             | SchedulerKind::Euler
             | SchedulerKind::EulerAncestral
-            | SchedulerKind::DpmPp2m => "linear",
+            | SchedulerKind::DpmPp2m
+            | SchedulerKind::UniPc
+            | SchedulerKind::FlowEuler => "linear",
         };
         crate::validate::count(FILE, "num_train_timesteps", n, 1, 1_000_000)?;
         let schedule = cfg.beta_schedule.as_deref().unwrap_or(default_schedule);
