@@ -7,6 +7,7 @@ pub mod flux_transformer;
 pub mod t5;
 pub mod unet_2d_condition;
 pub mod vae_tiling;
+pub mod wan_vae;
 
 pub use autoencoder_kl::{AutoencoderKL, AutoencoderKLConfig, LatentDist};
 pub use clip::{ClipTextConfig, ClipTextModel, ClipTextOutput};
@@ -14,3 +15,6 @@ pub use flux_transformer::{FluxInputs, FluxTransformer2DModel, FluxTransformerCo
 pub use t5::{T5Config, T5EncoderModel};
 pub use unet_2d_condition::{UNet2DConditionConfig, UNet2DConditionModel};
 pub use vae_tiling::{Tiling, VaeMemory, VaeOptions};
+pub use wan_vae::{
+    AutoencoderKLWan, AutoencoderKLWanConfig, WanTiling, WanVaeMemory, WanVaeOptions, WanVaePeak,
+};
