@@ -6,6 +6,7 @@ use candle_core::{DType, Module, Tensor, D};
 use crate::error::Result;
 
 pub mod conv2d;
+pub mod conv3d;
 pub mod embeddings;
 pub mod mlp;
 pub mod norm;

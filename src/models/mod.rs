@@ -8,6 +8,7 @@ pub mod t5;
 pub mod unet_2d_condition;
 pub mod vae_tiling;
 pub mod wan_transformer;
+pub mod wan_vae;
 
 pub use autoencoder_kl::{AutoencoderKL, AutoencoderKLConfig, LatentDist};
 pub use clip::{ClipTextConfig, ClipTextModel, ClipTextOutput};
@@ -16,3 +17,6 @@ pub use t5::{wan_prompt_embeds, T5Config, T5EncoderModel};
 pub use unet_2d_condition::{UNet2DConditionConfig, UNet2DConditionModel};
 pub use vae_tiling::{Tiling, VaeMemory, VaeOptions};
 pub use wan_transformer::{WanInputs, WanTransformer3DModel, WanTransformerConfig};
+pub use wan_vae::{
+    AutoencoderKLWan, AutoencoderKLWanConfig, WanTiling, WanVaeMemory, WanVaeOptions, WanVaePeak,
+};

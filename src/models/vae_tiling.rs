@@ -195,7 +195,9 @@ fn tiled(
 fn ramps(e: usize, dim: usize, dtype: DType, x: &Tensor) -> Result<(Tensor, Tensor)> {
     let a: Vec<f32> = (0..e).map(|k| (1.0 - k as f64 / e as f64) as f32).collect();
     let b: Vec<f32> = (0..e).map(|k| (k as f64 / e as f64) as f32).collect();
-    let shape: Vec<usize> = (0..4).map(|d| if d == dim { e } else { 1 }).collect();
+    let shape: Vec<usize> = (0..x.rank())
+        .map(|d| if d == dim { e } else { 1 })
+        .collect();
     let mk = |v: Vec<f32>| -> Result<Tensor> {
         Ok(Tensor::from_vec(v, shape.as_slice(), x.device())?.to_dtype(dtype)?)
     };
@@ -211,7 +213,8 @@ fn blend(a: &Tensor, b: &Tensor, extent: usize, dim: usize) -> Result<Tensor> {
     let tail = a.narrow(dim, a.dim(dim)? - e, e)?;
     let head = b.narrow(dim, 0, e)?;
     // Blend only where both tiles have data (a last column/row tile can be narrower).
-    let other = if dim == 2 { 3 } else { 2 };
+    let r = b.rank();
+    let other = if dim == r - 2 { r - 1 } else { r - 2 };
     let n = a.dim(other)?.min(b.dim(other)?);
     let mixed = (tail.narrow(other, 0, n)?.broadcast_mul(&wa)?
         + head.narrow(other, 0, n)?.broadcast_mul(&wb)?)?;
@@ -225,12 +228,15 @@ fn blend(a: &Tensor, b: &Tensor, extent: usize, dim: usize) -> Result<Tensor> {
     Ok(Tensor::cat(&[&mixed, &rest], dim)?)
 }
 
-fn blend_v(a: &Tensor, b: &Tensor, extent: usize) -> Result<Tensor> {
-    blend(a, b, extent, 2)
+/// Blends the last `extent` rows of `a` into the first rows of `b` (the second-to-last dim, so
+/// images and videos alike).
+pub(crate) fn blend_v(a: &Tensor, b: &Tensor, extent: usize) -> Result<Tensor> {
+    blend(a, b, extent, b.rank() - 2)
 }
 
-fn blend_h(a: &Tensor, b: &Tensor, extent: usize) -> Result<Tensor> {
-    blend(a, b, extent, 3)
+/// Blends the last `extent` columns of `a` into the first columns of `b` (the last dim).
+pub(crate) fn blend_h(a: &Tensor, b: &Tensor, extent: usize) -> Result<Tensor> {
+    blend(a, b, extent, b.rank() - 1)
 }
 
 /// What the user asked for; resolved against the VAE and the latent size by [`VaeOptions::plan`].
