@@ -15,6 +15,7 @@ pub mod rng;
 pub mod schedulers;
 pub mod tokenizer;
 pub mod validate;
+pub mod video;
 pub mod weights;
 
 pub use error::{Error, Result};
