@@ -119,6 +119,55 @@ pub fn read_image_arg(path: &Path, device: &Device) -> Result<Tensor> {
     }
 }
 
+/// Reads a video argument as (B, 3, T, H, W) in [-1, 1]: a safetensors file with one such
+/// tensor, or a folder of frames (PNG or any format `image` reads, in file-name order) as one
+/// video.
+pub fn read_video_arg(path: &Path, device: &Device) -> Result<Tensor> {
+    if path.is_dir() {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(path)
+            .map_err(|e| Error::io(path, e))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                p.is_file()
+                    && !p
+                        .file_name()
+                        .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+            })
+            .collect();
+        files.sort();
+        if files.is_empty() {
+            return Err(Error::InvalidArgument(format!(
+                "{} holds no frames",
+                path.display()
+            )));
+        }
+        let frames = files
+            .iter()
+            .map(|f| read_image(f, device))
+            .collect::<Result<Vec<_>>>()?;
+        let dims = frames[0].dims().to_vec();
+        if let Some((f, t)) = files.iter().zip(&frames).find(|(_, t)| t.dims() != dims) {
+            return Err(Error::InvalidArgument(format!(
+                "frame {} has shape {:?}, the first frame {:?}: all frames must have one size",
+                f.display(),
+                t.dims(),
+                dims
+            )));
+        }
+        // (1, 3, H, W) per frame → (1, 3, T, H, W).
+        return Ok(Tensor::stack(&frames, 2)?);
+    }
+    let t = read_single_tensor(path, device)?;
+    if t.rank() != 5 || t.dim(1)? != 3 {
+        return Err(Error::InvalidArgument(format!(
+            "{} must hold one (B, 3, T, H, W) video tensor in [-1, 1]; it has shape {:?}",
+            path.display(),
+            t.dims()
+        )));
+    }
+    Ok(t)
+}
+
 /// Paths for a batch of images: `out.png` for one; `out-0.png`, `out-1.png`, … for several.
 pub fn image_paths(out: &Path, n: usize) -> Vec<PathBuf> {
     if n == 1 {

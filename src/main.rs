@@ -11,10 +11,10 @@ use lowtide::device::{parse_device, parse_dtype};
 use lowtide::io::{
     read_image, read_image_arg, read_single_tensor, save_images, save_tensors, write_atomic,
 };
-use lowtide::models::{VaeMemory, VaeOptions};
+use lowtide::models::VaeOptions;
 use lowtide::pipelines::{
-    decode_or_retry_tiled, load_vae, resolve_model, DeviceMapSpec, GenerateRequest, LoadOptions,
-    OffloadPlan,
+    decode_or_retry_tiled, load_any_vae, resolve_model, AnyVae, DeviceMapSpec, GenerateRequest,
+    LoadOptions, OffloadPlan,
 };
 use lowtide::residency::device_map::{parse_bytes, parse_max_memory};
 use lowtide::residency::{DeviceMap, StoragePlan, Strategy};
@@ -163,8 +163,19 @@ struct GenerateArgs {
     /// safetensors file with one tensor (B, C, h, w): the initial latents.
     #[arg(long, conflicts_with = "init_image")]
     latents: Option<PathBuf>,
-    #[arg(long, default_value = "out.png")]
-    out: PathBuf,
+    /// Images: a .png (out-0.png, out-1.png, … for several). Videos: a .mp4 (H.264), or a
+    /// folder for numbered PNG frames. Default: out.png, or out.mp4 for video pipelines.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Video: frames to generate (4k + 1; others are rounded as diffusers does; default 81).
+    #[arg(long)]
+    frames: Option<usize>,
+    /// Video: frames per second of the .mp4 (default 16).
+    #[arg(long, default_value_t = 16)]
+    fps: u32,
+    /// Wan 2.2 A14B: guidance of the low-noise expert (default: --guidance).
+    #[arg(long, allow_negative_numbers = true)]
+    guidance_2: Option<f64>,
     /// Writes `prompt_embeds`, `final_latents` and `image` as f32 safetensors.
     #[arg(long)]
     save_tensors: Option<PathBuf>,
@@ -188,6 +199,10 @@ struct VaeArgs {
     /// One batch item at a time (diffusers' enable_slicing).
     #[arg(long)]
     slicing: bool,
+    /// Video VAE: latent frames per causal decode chunk after the first (diffusers decodes 1;
+    /// more means fewer passes and more memory, equal results).
+    #[arg(long, value_name = "N")]
+    decode_chunk_size: Option<usize>,
     /// Turn tiling on, with the largest tile that fits, when the untiled decode would exceed this
     /// (e.g. 2GiB). Without it nothing changes behind your back.
     #[arg(long, value_name = "BYTES")]
@@ -310,7 +325,28 @@ fn main() -> ExitCode {
 
 fn generate(args: GenerateArgs) -> Result<()> {
     // Check cheap arguments and every output path before loading gigabytes.
-    output_path("--out", &args.out, &["png"])?;
+    let video = model_class(&args.model.model).is_some_and(|c| lowtide::pipelines::makes_video(&c));
+    let out_path = args
+        .out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(if video { "out.mp4" } else { "out.png" }));
+    if video {
+        lowtide::video::video_output_path("--out", &out_path, args.frames.unwrap_or(81))?;
+        lowtide::video::check_fps("--fps", args.fps)?;
+    } else {
+        output_path("--out", &out_path, &["png"])?;
+        for (set, flag) in [
+            (args.frames.is_some(), "--frames"),
+            (args.vae.decode_chunk_size.is_some(), "--decode-chunk-size"),
+        ] {
+            if set {
+                anyhow::bail!("{flag} applies to video pipelines only");
+            }
+        }
+    }
+    if args.vae.decode_chunk_size == Some(0) {
+        anyhow::bail!("--decode-chunk-size must be at least 1 latent frame");
+    }
     if let Some(p) = &args.save_tensors {
         output_path("--save-tensors", p, &["safetensors"])?;
     }
@@ -414,6 +450,9 @@ fn generate(args: GenerateArgs) -> Result<()> {
         init_image,
         strength: args.strength.unwrap_or(1.0),
         vae: args.vae.options()?,
+        frames: args.frames,
+        guidance_2: args.guidance_2,
+        decode_chunk_size: args.vae.decode_chunk_size,
     };
     let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
     bar.set_style(
@@ -427,7 +466,9 @@ fn generate(args: GenerateArgs) -> Result<()> {
         bar.set_position(i as u64);
     })?;
     bar.finish_and_clear();
-    report_vae_plan(&args.vae, &out.vae_memory);
+    if let Some(note) = &out.vae_note {
+        eprintln!("{note}");
+    }
     let usage = pipe.base().accounting.report();
     eprintln!(
         "offload {}: peak resident {:.1} MiB, {:.1} MiB moved, {:.2} s moving / {:.2} s waiting, {:.2} s wall",
@@ -438,7 +479,12 @@ fn generate(args: GenerateArgs) -> Result<()> {
         usage.stall_seconds,
         usage.wall_seconds
     );
-    for p in save_images(&out.image, &args.out)? {
+    let written = if out.is_video() {
+        lowtide::video::save_videos(&out.image, args.fps, &out_path)?
+    } else {
+        save_images(&out.image, &out_path)?
+    };
+    for p in written {
         eprintln!("wrote {}", p.display());
     }
     if let Some(path) = &args.save_tensors {
@@ -469,6 +515,19 @@ fn generate(args: GenerateArgs) -> Result<()> {
     Ok(())
 }
 
+/// The `_class_name` of a local model folder or cached repo id, without loading anything.
+fn model_class(arg: &str) -> Option<String> {
+    let p = std::path::Path::new(arg);
+    let root = if p.is_dir() {
+        p.to_path_buf()
+    } else {
+        lowtide::pipelines::loader::find_in_cache(&lowtide::pipelines::hf_cache_dir(), arg, "main")?
+    };
+    lowtide::pipelines::ModelIndex::read(&root)
+        .ok()
+        .map(|i| i.class_name)
+}
+
 /// `--latents`: one finite (B, C, h, w) tensor with B ≥ 1.
 fn read_latents(
     path: &std::path::Path,
@@ -476,9 +535,10 @@ fn read_latents(
 ) -> Result<candle_core::Tensor> {
     let t = read_single_tensor(path, device)
         .with_context(|| format!("cannot use --latents {}", path.display()))?;
-    if t.rank() != 4 || t.dim(0)? == 0 {
+    if !(t.rank() == 4 || t.rank() == 5) || t.dim(0)? == 0 {
         anyhow::bail!(
-            "--latents {} holds a tensor of shape {:?}; expected (B, C, h, w) with B >= 1",
+            "--latents {} holds a tensor of shape {:?}; expected (B, C, h, w), or \
+             (B, C, T, h, w) for video, with B >= 1",
             path.display(),
             t.dims()
         );
@@ -499,22 +559,56 @@ fn vae(command: VaeCommand) -> Result<()> {
             vae: vae_args,
         } => {
             output_path("--save-tensors", &dst, &["safetensors"])?;
-            if let Some(o) = &out {
-                output_path("--out", o, &["png"])?;
-            }
             let (root, opts) = model.open()?;
             let z = read_latents(&latents, &opts.device)?;
-            let (vae, _) = load_vae(&root, &opts)
+            let vae = load_any_vae(&root, &opts)
                 .with_context(|| format!("cannot load the VAE of {}", root.display()))?;
-            let (b, _, h, w) = z.dims4()?;
-            let mem = vae_args.options()?.plan(&vae, b, h, w)?;
-            report_vae_plan(&vae_args, &mem);
-            let sample = decode_or_retry_tiled(&vae, &z.to_dtype(opts.dtype)?, &mem)?;
+            let asked = vae_args.options()?;
+            let z = z.to_dtype(opts.dtype)?;
+            let sample = match &vae {
+                AnyVae::Image(vae) => {
+                    if let Some(o) = &out {
+                        output_path("--out", o, &["png"])?;
+                    }
+                    let (b, _, h, w) = z.dims4().context("--latents of an image VAE")?;
+                    let mem = asked.plan(vae, b, h, w)?;
+                    if let Some(note) = mem.budget_note(&asked) {
+                        eprintln!("{note}");
+                    }
+                    decode_or_retry_tiled(vae, &z, &mem)?
+                }
+                AnyVae::Video(vae) => {
+                    let (b, _, t, h, w) = z.dims5().with_context(|| {
+                        format!(
+                            "--latents {}: a video VAE decodes (B, C, T, h, w)",
+                            latents.display()
+                        )
+                    })?;
+                    if let Some(o) = &out {
+                        lowtide::video::video_output_path(
+                            "--out",
+                            o,
+                            vae.config().decoded_frames(t),
+                        )?;
+                    }
+                    let mem = video_vae_options(&vae_args)?.plan(vae, b, t, h, w)?;
+                    vae.decode_with(&z, &mem)?
+                }
+            };
+            // Written before the pictures, which need it alive only as long as they are encoded.
             save_tensors(&dst, &[("sample", &sample)])?;
             eprintln!("wrote {}", dst.display());
             if let Some(out) = out {
-                let img = lowtide::io::to_unit_hwc(&sample)?;
-                for p in save_images(&img, &out)? {
+                let written = if sample.rank() == 5 {
+                    let frames = ((sample / 2.0)? + 0.5)?
+                        .clamp(0f32, 1f32)?
+                        .permute((0, 2, 3, 4, 1))?
+                        .contiguous()?;
+                    lowtide::video::save_videos(&frames, 16, &out)?
+                } else {
+                    save_images(&lowtide::io::to_unit_hwc(&sample)?, &out)?
+                };
+                for p in written {
                     eprintln!("wrote {}", p.display());
                 }
             }
@@ -528,15 +622,39 @@ fn vae(command: VaeCommand) -> Result<()> {
         } => {
             output_path("--save-tensors", &dst, &["safetensors"])?;
             let (root, opts) = model.open()?;
-            let x = read_image_arg(&image, &opts.device)
-                .with_context(|| format!("cannot use --image {}", image.display()))?;
-            let (vae, _) = load_vae(&root, &opts)
+            let vae = load_any_vae(&root, &opts)
                 .with_context(|| format!("cannot load the VAE of {}", root.display()))?;
-            let (b, _, h, w) = x.dims4()?;
-            let f = vae.config().scale_factor();
-            let mem = vae_args.options()?.plan(&vae, b, h / f, w / f)?;
-            report_vae_plan(&vae_args, &mem);
-            let dist = vae.encode_with(&x.to_dtype(opts.dtype)?, &mem)?;
+            let dist = match &vae {
+                AnyVae::Image(vae) => {
+                    let x = read_image_arg(&image, &opts.device)
+                        .with_context(|| format!("cannot use --image {}", image.display()))?;
+                    let (b, _, h, w) = x.dims4()?;
+                    let f = vae.config().scale_factor();
+                    let asked = vae_args.options()?;
+                    let mem = asked.plan(vae, b, h / f, w / f)?;
+                    if let Some(note) = mem.budget_note(&asked) {
+                        eprintln!("{note}");
+                    }
+                    vae.encode_with(&x.to_dtype(opts.dtype)?, &mem)?
+                }
+                AnyVae::Video(vae) => {
+                    let x = lowtide::io::read_video_arg(&image, &opts.device)
+                        .with_context(|| format!("cannot use --image {}", image.display()))?;
+                    let (b, _, t, h, w) = x.dims5()?;
+                    let (sf, tf) = (
+                        vae.config().spatial_factor(),
+                        vae.config().temporal_factor(),
+                    );
+                    let mem = video_vae_options(&vae_args)?.plan(
+                        vae,
+                        b,
+                        (t - 1) / tf + 1,
+                        h / sf,
+                        w / sf,
+                    )?;
+                    vae.encode_with(&x.to_dtype(opts.dtype)?, &mem)?
+                }
+            };
             save_tensors(&dst, &[("mean", &dist.mean), ("logvar", &dist.logvar)])?;
             eprintln!("wrote {}", dst.display());
             Ok(())
@@ -544,13 +662,15 @@ fn vae(command: VaeCommand) -> Result<()> {
     }
 }
 
-/// Says so when the memory budget turned tiling on.
-fn report_vae_plan(args: &VaeArgs, mem: &VaeMemory) {
-    let asked = args.tiling || args.tile_size.is_some() || args.tile_overlap.is_some();
-    if let (false, Some(t)) = (asked, mem.tiling) {
-        eprintln!(
-            "VAE: tiling turned on to fit --memory-budget (tiles of {} px, overlap {})",
-            t.tile_sample, t.overlap
-        );
-    }
+/// The video VAE's memory options from the shared VAE flags.
+fn video_vae_options(args: &VaeArgs) -> Result<lowtide::models::WanVaeOptions> {
+    let o = args.options()?;
+    Ok(lowtide::models::WanVaeOptions {
+        tiling: o.tiling,
+        tile_size: o.tile_size,
+        tile_overlap: o.tile_overlap,
+        slicing: o.slicing,
+        decode_chunk_size: args.decode_chunk_size,
+        memory_budget: o.memory_budget,
+    })
 }

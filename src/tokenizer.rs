@@ -223,6 +223,8 @@ pub struct T5Tokenizer {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct T5Encoding {
     pub ids: Vec<u32>,
+    /// Tokens before the padding (the attention mask's ones), `</s>` included.
+    pub len: usize,
     /// The tokens that did not fit, decoded (for diffusers' "was truncated" warning); `None`
     /// when the whole prompt fit.
     pub truncated: Option<String>,
@@ -333,7 +335,12 @@ impl T5Tokenizer {
         enc.truncate(room, 0, tokenizers::TruncationDirection::Right);
         let enc = self.inner.post_process(enc, None, true).map_err(fail)?;
         let mut ids = enc.get_ids().to_vec();
+        let len = ids.len();
         ids.resize(max_len, self.pad);
-        Ok(T5Encoding { ids, truncated })
+        Ok(T5Encoding {
+            ids,
+            len,
+            truncated,
+        })
     }
 }

@@ -385,7 +385,8 @@ mod tests {
         let with = conv.forward_ext(&[], &f, Some(res)).unwrap();
         for (a, b) in plain.iter().zip(&with) {
             let d = crate::layers::max_abs_diff(&(a + 1.0).unwrap(), b);
-            assert!(d < 1e-6);
+            // The residual joins the GEMM accumulation: equal up to float rounding.
+            assert!(d < 1e-5, "{d}");
         }
         assert!(conv.forward(&f[..0], &[]).is_err());
         let three = [f[0].clone(), f[1].clone(), f[0].clone()];

@@ -239,6 +239,20 @@ pub(crate) fn blend_h(a: &Tensor, b: &Tensor, extent: usize) -> Result<Tensor> {
     blend(a, b, extent, b.rank() - 1)
 }
 
+impl VaeMemory {
+    /// What the memory budget turned on, if the user did not ask for it (said on stderr).
+    pub fn budget_note(&self, asked: &VaeOptions) -> Option<String> {
+        let explicit = asked.tiling || asked.tile_size.is_some() || asked.tile_overlap.is_some();
+        match (explicit, self.tiling) {
+            (false, Some(t)) => Some(format!(
+                "VAE: tiling turned on to fit --memory-budget (tiles of {} px, overlap {})",
+                t.tile_sample, t.overlap
+            )),
+            _ => None,
+        }
+    }
+}
+
 /// What the user asked for; resolved against the VAE and the latent size by [`VaeOptions::plan`].
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct VaeOptions {

@@ -86,6 +86,9 @@ pub struct ComponentSpec {
     pub classes: &'static [&'static str],
     /// The denoiser (UNet or transformer): a bare `--storage-dtype` applies to it.
     pub denoiser: bool,
+    /// May be absent from `model_index.json` or listed as `[null, null]` (Wan 2.2's
+    /// `transformer_2`).
+    pub optional: bool,
 }
 
 /// A pipeline's components under the residency manager, in `model_cpu_offload_seq` order.
@@ -112,11 +115,15 @@ impl PipelineBase {
         order: &'static [&'static str],
     ) -> Result<Self> {
         let index = ModelIndex::read(root)?;
-        for s in specs {
+        let present = |s: &ComponentSpec| {
+            !s.optional || matches!(index.components.get(s.name), Some((_, Some(_))))
+        };
+        let specs: Vec<&ComponentSpec> = specs.iter().filter(|s| present(s)).collect();
+        for s in &specs {
             index.expect_class(root, s.name, s.classes)?;
         }
         let variant = opts.variant.as_deref();
-        let variant_of = |s: &ComponentSpec| -> Option<&str> {
+        let variant_of = |s: &&ComponentSpec| -> Option<&str> {
             variant.filter(|v| has_checkpoint(&root.join(s.name), s.stem, Some(v)))
         };
         if let Some(v) = variant {

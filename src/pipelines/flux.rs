@@ -30,24 +30,28 @@ const COMPONENTS: &[ComponentSpec] = &[
         stem: "model",
         classes: &["CLIPTextModel"],
         denoiser: false,
+        optional: false,
     },
     ComponentSpec {
         name: "text_encoder_2",
         stem: "model",
         classes: &["T5EncoderModel"],
         denoiser: false,
+        optional: false,
     },
     ComponentSpec {
         name: "transformer",
         stem: "diffusion_pytorch_model",
         classes: &["FluxTransformer2DModel"],
         denoiser: true,
+        optional: false,
     },
     ComponentSpec {
         name: "vae",
         stem: "diffusion_pytorch_model",
         classes: &["AutoencoderKL"],
         denoiser: false,
+        optional: false,
     },
 ];
 
@@ -362,6 +366,7 @@ impl Flux {
             pooled_prompt_embeds: Some(pooled),
             final_latents,
             image,
+            vae_note: vae_memory.budget_note(&req.vae),
             vae_memory,
         })
     }
@@ -412,9 +417,6 @@ impl Pipeline for Flux {
     }
     fn defaults(&self) -> (usize, f64) {
         (28, 3.5)
-    }
-    fn vae(&self) -> &AutoencoderKL {
-        &self.vae
     }
     fn size_multiple(&self) -> usize {
         2 * self.vae_scale_factor()

@@ -301,6 +301,7 @@ impl Component {
             self.weights.store().check(&spec.name, &spec.shape)?;
         }
         self.weights.set_declared(declared);
+        self.weights.set_units(pp.declared_units());
         Ok(())
     }
 

@@ -9,6 +9,7 @@ pub mod flux;
 pub mod loader;
 pub mod stable_diffusion;
 pub mod vae;
+pub mod wan;
 
 use std::path::Path;
 
@@ -18,10 +19,11 @@ pub use base::{decode_or_retry_tiled, DeviceMapSpec, LoadOptions, OffloadPlan, P
 pub use flux::Flux;
 pub use loader::{hf_cache_dir, resolve_model, Component, ModelIndex};
 pub use stable_diffusion::{StableDiffusion, OFFLOAD_ORDER};
-pub use vae::load_vae;
+pub use vae::{load_any_vae, load_vae, AnyVae};
+pub use wan::Wan;
 
 use crate::error::{Error, Result};
-use crate::models::{AutoencoderKL, VaeMemory, VaeOptions};
+use crate::models::{VaeMemory, VaeOptions};
 use crate::schedulers::SchedulerKind;
 
 /// What to generate. Fields a family does not use must stay unset (it refuses them by name).
@@ -45,8 +47,14 @@ pub struct GenerateRequest {
     pub vae: VaeOptions,
     /// FLUX: diffusers' `true_cfg_scale` (with a negative prompt).
     pub true_cfg: Option<f64>,
-    /// FLUX: T5 tokens (diffusers' `max_sequence_length`).
+    /// FLUX, Wan: T5 tokens (diffusers' `max_sequence_length`).
     pub max_sequence_length: Option<usize>,
+    /// Video: frames to generate (Wan: 4k + 1; others are rounded down as diffusers does).
+    pub frames: Option<usize>,
+    /// Wan 2.2 A14B: the low-noise expert's guidance (diffusers' `guidance_scale_2`).
+    pub guidance_2: Option<f64>,
+    /// Video VAE: latent frames per causal decode chunk after the first (diffusers: 1).
+    pub decode_chunk_size: Option<usize>,
 }
 
 impl Default for GenerateRequest {
@@ -67,6 +75,9 @@ impl Default for GenerateRequest {
             vae: VaeOptions::default(),
             true_cfg: None,
             max_sequence_length: None,
+            frames: None,
+            guidance_2: None,
+            decode_chunk_size: None,
         }
     }
 }
@@ -96,10 +107,14 @@ pub struct GenerateOutput {
     pub pooled_prompt_embeds: Option<Tensor>,
     /// (B, C, h, w) latents after the last step, before the VAE's scaling (and shift).
     pub final_latents: Tensor,
-    /// (B, H, W, 3) in [0, 1], before 8-bit quantisation.
+    /// (B, H, W, 3) images in [0, 1], before 8-bit quantisation; for video pipelines
+    /// (B, T, H, W, 3) frames.
     pub image: Tensor,
-    /// The VAE memory strategy the decode used (tiling may have been chosen by the budget).
+    /// The image VAE's memory strategy (tiling may have been chosen by the budget); the
+    /// default for video pipelines.
     pub vae_memory: VaeMemory,
+    /// What `--memory-budget` chose for the VAE, to tell the user; `None` when nothing changed.
+    pub vae_note: Option<String>,
 }
 
 impl GenerateOutput {
@@ -110,8 +125,14 @@ impl GenerateOutput {
             v.push(("pooled_prompt_embeds", p));
         }
         v.push(("final_latents", &self.final_latents));
-        v.push(("image", &self.image));
+        let name = if self.is_video() { "video" } else { "image" };
+        v.push((name, &self.image));
         v
+    }
+
+    /// Whether the output is frames (B, T, H, W, 3) rather than images.
+    pub fn is_video(&self) -> bool {
+        self.image.rank() == 5
     }
 }
 
@@ -121,7 +142,6 @@ pub trait Pipeline: Send + Sync {
     fn base_mut(&mut self) -> &mut PipelineBase;
     /// diffusers' defaults for this family: (steps, guidance).
     fn defaults(&self) -> (usize, f64);
-    fn vae(&self) -> &AutoencoderKL;
     /// Width and height must be multiples of this.
     fn size_multiple(&self) -> usize;
     /// One call of the pipeline (the family's `__call__`).
@@ -148,13 +168,19 @@ pub trait Pipeline: Send + Sync {
 type Loader = fn(&Path, LoadOptions) -> Result<Box<dyn Pipeline>>;
 
 /// The families lowtide runs, by `model_index.json` `_class_name`.
-fn families() -> [(&'static [&'static str], Loader); 2] {
+fn families() -> [(&'static [&'static str], Loader); 3] {
     [
         (stable_diffusion::CLASSES, |r, o| {
             Ok(Box::new(StableDiffusion::load(r, o)?))
         }),
         (flux::CLASSES, |r, o| Ok(Box::new(Flux::load(r, o)?))),
+        (wan::CLASSES, |r, o| Ok(Box::new(Wan::load(r, o)?))),
     ]
+}
+
+/// Whether a `model_index.json` class makes videos (its outputs are .mp4 files or frame folders).
+pub fn makes_video(class_name: &str) -> bool {
+    wan::CLASSES.contains(&class_name)
 }
 
 /// Opens the pipeline in `root`, choosing the family from `model_index.json`.

@@ -40,18 +40,21 @@ const COMPONENTS: &[ComponentSpec] = &[
         stem: "model",
         classes: &["CLIPTextModel"],
         denoiser: false,
+        optional: false,
     },
     ComponentSpec {
         name: "unet",
         stem: "diffusion_pytorch_model",
         classes: &["UNet2DConditionModel"],
         denoiser: true,
+        optional: false,
     },
     ComponentSpec {
         name: "vae",
         stem: "diffusion_pytorch_model",
         classes: &["AutoencoderKL"],
         denoiser: false,
+        optional: false,
     },
 ];
 
@@ -311,6 +314,7 @@ impl StableDiffusion {
             pooled_prompt_embeds: None,
             final_latents: latents,
             image,
+            vae_note: vae_memory.budget_note(&req.vae),
             vae_memory,
         })
     }
@@ -357,9 +361,6 @@ impl Pipeline for StableDiffusion {
     }
     fn defaults(&self) -> (usize, f64) {
         (50, 7.5)
-    }
-    fn vae(&self) -> &AutoencoderKL {
-        &self.vae
     }
     fn size_multiple(&self) -> usize {
         StableDiffusion::size_multiple(self)

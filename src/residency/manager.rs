@@ -86,7 +86,10 @@ struct GroupState {
     /// Units in first-seen order, and the weights each used, while learning.
     order: Vec<String>,
     unit_specs: HashMap<String, Vec<ParamSpec>>,
-    /// Set once the order is known.
+    /// Whether a full pass has been seen and `groups` follows it.
+    learned: bool,
+    /// The plan in force: from the units' construction order until a pass has been seen, so
+    /// even the first pass prefetches; then from the order the pass really took.
     groups: Option<Vec<Vec<ParamSpec>>>,
     unit_group: HashMap<String, usize>,
     loaded: BTreeMap<usize, (Loaded, u64)>,
@@ -119,6 +122,8 @@ pub struct ManagedWeights {
     strategy: Mutex<Strategy>,
     acct: Arc<Accounting>,
     declared: Mutex<Vec<ParamSpec>>,
+    /// Offload units in construction order.
+    units: Mutex<Vec<String>>,
     state: Mutex<State>,
 }
 
@@ -140,6 +145,7 @@ impl ManagedWeights {
             strategy: Mutex::new(Strategy::None),
             acct,
             declared: Mutex::default(),
+            units: Mutex::default(),
             state: Mutex::default(),
         }
     }
@@ -159,6 +165,11 @@ impl ManagedWeights {
     /// Every parameter the model declared (for `Model`'s whole-component load).
     pub fn set_declared(&self, specs: Vec<ParamSpec>) {
         *lock(&self.declared) = specs;
+    }
+
+    /// The model's offload units in construction order (for group offload's first plan).
+    pub fn set_units(&self, units: Vec<String>) {
+        *lock(&self.units) = units;
     }
 
     /// Sets the dtype resident weights are kept in (`None`: the compute dtype); everything
@@ -228,6 +239,7 @@ impl ManagedWeights {
         self.release_all()?;
         *lock(&self.state) = State::default();
         *lock(&self.strategy) = s;
+        self.plan_declared();
         Ok(())
     }
 
@@ -299,13 +311,46 @@ impl ManagedWeights {
         st.adhoc_bytes = 0;
         st.leaf = None;
         st.unit = None;
-        if st.group.groups.is_none() && !st.group.order.is_empty() {
-            self.plan_groups(&mut st);
+        if !st.group.learned && !st.group.order.is_empty() {
+            self.plan_learned(&mut st);
         }
         Ok(())
     }
 
-    fn plan_groups(&self, st: &mut State) {
+    /// The first plan, before any pass: units in construction order, each with the declared
+    /// parameters under its name (a parameter belongs to the innermost unit around it).
+    fn plan_declared(&self) {
+        let units = lock(&self.units).clone();
+        if units.is_empty() {
+            return;
+        }
+        let mut specs: HashMap<String, Vec<ParamSpec>> = HashMap::new();
+        for p in lock(&self.declared).iter() {
+            let owner = units
+                .iter()
+                .filter(|u| {
+                    p.name
+                        .strip_prefix(u.as_str())
+                        .is_some_and(|r| r.starts_with('.'))
+                })
+                .max_by_key(|u| u.len());
+            if let Some(u) = owner {
+                specs.entry(u.clone()).or_default().push(p.clone());
+            }
+        }
+        let mut st = lock(&self.state);
+        self.plan(&mut st, &units, &specs);
+    }
+
+    /// The plan from the pass just seen; replaces the declared one.
+    fn plan_learned(&self, st: &mut State) {
+        let (order, specs) = (st.group.order.clone(), st.group.unit_specs.clone());
+        self.drop_groups(st);
+        self.plan(st, &order, &specs);
+        st.group.learned = true;
+    }
+
+    fn plan(&self, st: &mut State, order: &[String], specs: &HashMap<String, Vec<ParamSpec>>) {
         let Strategy::Group {
             blocks_per_group, ..
         } = self.strategy()
@@ -313,16 +358,28 @@ impl ManagedWeights {
             return;
         };
         let g = &mut st.group;
+        g.unit_group.clear();
         let mut groups = Vec::new();
-        for (i, chunk) in g.order.chunks(blocks_per_group.max(1)).enumerate() {
-            let mut specs = Vec::new();
+        for (i, chunk) in order.chunks(blocks_per_group.max(1)).enumerate() {
+            let mut group = Vec::new();
             for u in chunk {
                 g.unit_group.insert(u.clone(), i);
-                specs.extend(g.unit_specs.get(u).cloned().unwrap_or_default());
+                group.extend(specs.get(u).cloned().unwrap_or_default());
             }
-            groups.push(specs);
+            groups.push(group);
         }
         g.groups = Some(groups);
+    }
+
+    /// Drops every resident or in-flight group (their indices belong to the plan being replaced).
+    fn drop_groups(&self, st: &mut State) {
+        if let Some(f) = st.group.in_flight.take() {
+            let _ = f.handle.join();
+            self.acct.sub(&self.component, f.bytes);
+        }
+        for (_, (_, b)) in std::mem::take(&mut st.group.loaded) {
+            self.acct.sub(&self.component, b);
+        }
     }
 
     /// Makes group `gi` resident, evicting every other group, then starts the next prefetch.
@@ -465,12 +522,13 @@ impl ManagedWeights {
                     // Outside every unit: a non-block parameter, kept.
                     return self.keep(&mut st, spec);
                 };
-                if st.group.groups.is_none() {
-                    let specs = st.group.unit_specs.entry(unit).or_default();
+                if !st.group.learned {
+                    let specs = st.group.unit_specs.entry(unit.clone()).or_default();
                     if !specs.iter().any(|s| s.name == spec.name) {
                         specs.push(spec.clone());
                     }
-                } else if let Some(gi) = st.group.unit_group.get(&unit).copied() {
+                }
+                if let Some(gi) = st.group.unit_group.get(&unit).copied() {
                     if let Some(t) = st
                         .group
                         .loaded
@@ -512,10 +570,10 @@ impl WeightProvider for ManagedWeights {
         }
         let mut st = lock(&self.state);
         self.drop_adhoc(&mut st);
-        if st.group.groups.is_none() {
+        if !st.group.learned {
             if st.group.order.iter().any(|u| u == module) {
                 // A unit came round again: one full pass has been seen.
-                self.plan_groups(&mut st);
+                self.plan_learned(&mut st);
             } else {
                 st.group.order.push(module.to_string());
             }

@@ -81,6 +81,8 @@ pub struct ParamPath {
     prefix: String,
     src: Arc<dyn WeightProvider>,
     registry: Arc<Mutex<Vec<ParamSpec>>>,
+    /// Offload units in construction order (see [`UnitScope`]).
+    units: Arc<Mutex<Vec<String>>>,
 }
 
 impl ParamPath {
@@ -89,6 +91,7 @@ impl ParamPath {
             prefix: String::new(),
             src,
             registry: Arc::default(),
+            units: Arc::default(),
         }
     }
 
@@ -103,6 +106,7 @@ impl ParamPath {
             prefix,
             src: self.src.clone(),
             registry: self.registry.clone(),
+            units: self.units.clone(),
         }
     }
 
@@ -153,6 +157,13 @@ impl ParamPath {
         &self.src
     }
 
+    /// Every offload unit declared so far under this root, in construction order (models build
+    /// their units in the order they run them, so group offload can prefetch from the first
+    /// pass on).
+    pub fn declared_units(&self) -> Vec<String> {
+        self.units.lock().expect("unit registry poisoned").clone()
+    }
+
     /// Every parameter declared so far under this root.
     pub fn declared(&self) -> Vec<ParamSpec> {
         self.registry
@@ -172,6 +183,10 @@ pub struct UnitScope {
 
 impl UnitScope {
     pub fn new(pp: &ParamPath) -> Self {
+        pp.units
+            .lock()
+            .expect("unit registry poisoned")
+            .push(pp.prefix().to_string());
         Self {
             name: pp.prefix().to_string(),
             src: pp.provider().clone(),

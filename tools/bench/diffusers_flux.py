@@ -17,7 +17,7 @@ from diffusers import FluxPipeline
 from diffusers.hooks import apply_group_offloading
 
 
-def offload(pipe, mode, device):
+def offload(pipe, mode, device, disk=None):
     cpu = torch.device("cpu")
     if mode == "model":
         pipe.enable_model_cpu_offload(device=device)
@@ -26,6 +26,9 @@ def offload(pipe, mode, device):
     elif mode == "group":
         kw = dict(onload_device=device, offload_device=cpu, offload_type="block_level", num_blocks_per_group=1,
                   use_stream=device.type == "cuda")
+        if disk:
+            # diffusers' answer for models larger than RAM: groups saved to disk and read back.
+            kw.update(offload_to_disk_path=disk, low_cpu_mem_usage=True)
         pipe.transformer.enable_group_offload(**kw)
         apply_group_offloading(pipe.text_encoder_2, **kw)  # a transformers model: the hook function
         pipe.text_encoder.to(device)
@@ -46,6 +49,7 @@ def main():
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--offload", default="none", choices=["none", "model", "sequential", "group"])
     ap.add_argument("--out", default="diffusers_flux.png")
+    ap.add_argument("--offload-to-disk", default=None, help="group offload: offload_to_disk_path")
     a = ap.parse_args()
     device = torch.device(a.device)
     dtype = torch.float32 if a.dtype == "fp32" else torch.bfloat16
@@ -73,7 +77,7 @@ def main():
         # On a CPU-only machine diffusers/accelerate may refuse CPU -> CPU offloading, or accept it and fail
         # in the first forward: report it and run once more without offloading.
         try:
-            offload(pipe, a.offload, device)
+            offload(pipe, a.offload, device, a.offload_to_disk)
             print(f"offload={a.offload} on {device}: enabled")
             generate(pipe)
         except Exception as e:

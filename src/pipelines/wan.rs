@@ -1,0 +1,495 @@
+//! Wan 2.1 / 2.2 text-to-video, step for step as diffusers 0.42.1 `WanPipeline` (one expert, or
+//! Wan 2.2 A14B's two experts split at `boundary_ratio`, and TI2V's per-token timesteps).
+
+use std::path::Path;
+
+use candle_core::{DType, Tensor};
+
+use super::base::{denoise, ComponentSpec, LoadOptions, PipelineBase};
+use super::{GenerateOutput, GenerateRequest, Pipeline};
+use crate::error::{read_json, Error, Result};
+use crate::models::t5::wan_prompt_embeds;
+use crate::models::{
+    AutoencoderKLWan, AutoencoderKLWanConfig, T5Config, T5EncoderModel, WanInputs,
+    WanTransformer3DModel, WanTransformerConfig, WanVaeOptions,
+};
+use crate::rng::TorchRng;
+use crate::schedulers::{self, SchedulerConfig, SchedulerKind};
+use crate::tokenizer::T5Tokenizer;
+use crate::validate::Need;
+
+/// `model_index.json` classes this family runs.
+pub const CLASSES: &[&str] = &["WanPipeline"];
+
+/// diffusers' `model_cpu_offload_seq` for Wan.
+pub const OFFLOAD_ORDER: &[&str] = &["text_encoder", "transformer", "transformer_2", "vae"];
+
+const COMPONENTS: &[ComponentSpec] = &[
+    ComponentSpec {
+        name: "text_encoder",
+        stem: "model",
+        classes: &["UMT5EncoderModel", "T5EncoderModel"],
+        denoiser: false,
+        optional: false,
+    },
+    ComponentSpec {
+        name: "transformer",
+        stem: "diffusion_pytorch_model",
+        classes: &["WanTransformer3DModel"],
+        denoiser: true,
+        optional: false,
+    },
+    // Wan 2.2 A14B's low-noise expert; absent (or `[null, null]`) elsewhere.
+    ComponentSpec {
+        name: "transformer_2",
+        stem: "diffusion_pytorch_model",
+        classes: &["WanTransformer3DModel"],
+        denoiser: true,
+        optional: true,
+    },
+    ComponentSpec {
+        name: "vae",
+        stem: "diffusion_pytorch_model",
+        classes: &["AutoencoderKLWan"],
+        denoiser: false,
+        optional: false,
+    },
+];
+
+const MAX_SEQUENCE_LENGTH: usize = 512;
+
+/// `WanPipeline`'s own config in `model_index.json`.
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+struct WanPipelineConfig {
+    #[serde(default)]
+    boundary_ratio: Option<f64>,
+    #[serde(default)]
+    expand_timesteps: bool,
+}
+
+pub struct Wan {
+    pub base: PipelineBase,
+    pub tokenizer: T5Tokenizer,
+    pub text_encoder: T5EncoderModel,
+    pub transformer: WanTransformer3DModel,
+    pub transformer_2: Option<WanTransformer3DModel>,
+    pub vae: AutoencoderKLWan,
+    pub scheduler_config: SchedulerConfig,
+    boundary_ratio: Option<f64>,
+    expand_timesteps: bool,
+}
+
+impl std::ops::Deref for Wan {
+    type Target = PipelineBase;
+    fn deref(&self) -> &PipelineBase {
+        &self.base
+    }
+}
+
+impl std::ops::DerefMut for Wan {
+    fn deref_mut(&mut self) -> &mut PipelineBase {
+        &mut self.base
+    }
+}
+
+/// `WanPipeline`'s `prompt_clean`: HTML entities unescaped (twice, as `ftfy`-less diffusers
+/// does), whitespace runs collapsed to one space, trimmed.
+pub fn prompt_clean(text: &str) -> String {
+    let once = html_escape::decode_html_entities(text.trim());
+    let twice = html_escape::decode_html_entities(once.trim());
+    twice.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+impl Wan {
+    pub fn load(root: &Path, opts: LoadOptions) -> Result<Self> {
+        let mut base = PipelineBase::open(root, opts, COMPONENTS, OFFLOAD_ORDER)?;
+        base.index
+            .expect_class(root, "tokenizer", &["T5Tokenizer", "T5TokenizerFast"])?;
+        let sched_class = base.index.class_of(root, "scheduler")?;
+        if !["UniPCMultistepScheduler", "FlowMatchEulerDiscreteScheduler"]
+            .contains(&sched_class.as_str())
+        {
+            return Err(Error::unsupported(
+                "model_index.json",
+                "scheduler",
+                format!("\"{sched_class}\""),
+                "Wan runs UniPCMultistepScheduler or FlowMatchEulerDiscreteScheduler",
+            ));
+        }
+        let scheduler_config: SchedulerConfig =
+            read_json(&root.join("scheduler").join("scheduler_config.json"))?;
+        let pipe_cfg: WanPipelineConfig = read_json(&root.join("model_index.json"))?;
+        if let Some(r) = pipe_cfg.boundary_ratio {
+            if !(0.0..=1.0).contains(&r) {
+                return Err(Error::unsupported(
+                    "model_index.json",
+                    "boundary_ratio",
+                    r,
+                    "must be in [0, 1]",
+                ));
+            }
+        }
+
+        let c = base.component("text_encoder")?;
+        let te_cfg: T5Config = c.config()?;
+        let pp = c.param_root();
+        let text_encoder = T5EncoderModel::new(&pp, &te_cfg)?;
+        c.validate(&pp)?;
+
+        let transformer_of = |name: &str| -> Result<WanTransformer3DModel> {
+            let c = base.component(name)?;
+            let pp = c.param_root();
+            let m = WanTransformer3DModel::new(&pp, &c.config::<WanTransformerConfig>()?)?;
+            c.validate(&pp)?;
+            Ok(m)
+        };
+        let transformer = transformer_of("transformer")?;
+        let has_second = base.components.iter().any(|c| c.name == "transformer_2");
+        let transformer_2 = has_second
+            .then(|| transformer_of("transformer_2"))
+            .transpose()?;
+        if pipe_cfg.boundary_ratio.is_some() != transformer_2.is_some() {
+            return Err(Error::unsupported(
+                "model_index.json",
+                "boundary_ratio",
+                format!("{:?}", pipe_cfg.boundary_ratio),
+                "a boundary_ratio needs a transformer_2 (Wan 2.2 A14B), and a transformer_2 needs one",
+            ));
+        }
+
+        let c = base.component("vae")?;
+        let pp = c.param_root();
+        let vae = AutoencoderKLWan::new(&pp, &c.config::<AutoencoderKLWanConfig>()?)?;
+        c.validate(&pp)?;
+        if transformer.config().in_channels != vae.config().z_dim {
+            return Err(Error::unsupported(
+                "transformer/config.json",
+                "in_channels",
+                transformer.config().in_channels,
+                format!("must equal the VAE's z_dim ({})", vae.config().z_dim),
+            ));
+        }
+
+        let tokenizer = T5Tokenizer::from_dir(&root.join("tokenizer"))?;
+        if tokenizer.max_id() as usize >= te_cfg.vocab_size {
+            return Err(Error::Tokenizer(format!(
+                "{} has token ids up to {} but text_encoder/config.json's vocab_size is {}; \
+                 the tokenizer does not belong to this text encoder",
+                root.join("tokenizer").display(),
+                tokenizer.max_id(),
+                te_cfg.vocab_size
+            )));
+        }
+        base.apply_device_map()?;
+        Ok(Self {
+            base,
+            tokenizer,
+            text_encoder,
+            transformer,
+            transformer_2,
+            vae,
+            scheduler_config,
+            boundary_ratio: pipe_cfg.boundary_ratio,
+            expand_timesteps: pipe_cfg.expand_timesteps,
+        })
+    }
+
+    /// `_get_t5_prompt_embeds`: (1, L, D) for one prompt, masked, cut at its real length and
+    /// zero-padded to `max_len`.
+    pub fn encode_prompt(&self, text: &str, max_len: usize) -> Result<Tensor> {
+        let text = prompt_clean(text);
+        let enc = self.tokenizer.encode_padded(&text, max_len)?;
+        if let Some(cut) = &enc.truncated {
+            eprintln!(
+                "warning: the following part of your input was truncated because \
+                 `max_sequence_length` is set to {max_len} tokens: {cut:?}"
+            );
+        }
+        let dev = self.component_device("text_encoder")?;
+        let mask: Vec<u32> = (0..max_len).map(|i| u32::from(i < enc.len)).collect();
+        let mask = Tensor::from_vec(mask, (1, max_len), &dev)?;
+        let ids = Tensor::from_vec(enc.ids, (1, max_len), &dev)?;
+        let hidden = self
+            .text_encoder
+            .forward_masked(&ids, &mask, self.options.dtype)?;
+        Ok(wan_prompt_embeds(&hidden, &mask)?.to_device(&self.component_device("transformer")?)?)
+    }
+
+    fn run(
+        &self,
+        req: &GenerateRequest,
+        on_step: &mut dyn FnMut(usize, usize),
+    ) -> Result<GenerateOutput> {
+        req.refuse(&[
+            (req.init_image.is_some(), "--init-image (Wan image-to-video)"),
+            (req.true_cfg.is_some(), "--true-cfg"),
+            (
+                req.guidance_2.is_some() && self.transformer_2.is_none(),
+                "--guidance-2 (this pipeline has one expert; it needs a boundary_ratio and a transformer_2)",
+            ),
+        ])?;
+        let max_len = req.max_sequence_length.unwrap_or(MAX_SEQUENCE_LENGTH);
+        if max_len == 0 || max_len > MAX_SEQUENCE_LENGTH {
+            return Err(Error::InvalidArgument(format!(
+                "--max-sequence-length must be in 1..={MAX_SEQUENCE_LENGTH}; got {max_len}"
+            )));
+        }
+        let guidance_2 = req.guidance_2.unwrap_or(req.guidance);
+        crate::validate::arg_f32("--guidance-2", guidance_2)?;
+        let cfg = self.vae.config();
+        let (sf, tf) = (cfg.spatial_factor(), cfg.temporal_factor());
+        let (_, ph, pw) = self.transformer.config().patch();
+        let b = req.num_images;
+        let dtype = self.options.dtype;
+
+        // Frames and size as diffusers checks and rounds them, saying so.
+        let mut frames = req.frames.unwrap_or(81);
+        if frames == 0 {
+            return Err(Error::InvalidArgument("--frames must be at least 1".into()));
+        }
+        if frames % tf != 1 {
+            let rounded = frames / tf * tf + 1;
+            eprintln!(
+                "warning: --frames - 1 has to be divisible by {tf}; using {rounded} frames instead of {frames}"
+            );
+            frames = rounded;
+        }
+        let (height, width) = match (req.height, req.width, &req.latents) {
+            (None, None, Some(l)) if l.rank() == 5 => (l.dim(3)? * sf, l.dim(4)? * sf),
+            _ => (req.height.unwrap_or(480), req.width.unwrap_or(832)),
+        };
+        if height == 0 || width == 0 || height % 16 != 0 || width % 16 != 0 {
+            return Err(Error::InvalidArgument(format!(
+                "width and height must be positive multiples of 16; got {width}x{height}"
+            )));
+        }
+        let (mh, mw) = (sf * ph, sf * pw);
+        let (h_px, w_px) = (height / mh * mh, width / mw * mw);
+        if (h_px, w_px) != (height, width) {
+            eprintln!(
+                "warning: width and height must be multiples of ({mw}, {mh}) for this model's \
+                 patches; using {w_px}x{h_px} instead of {width}x{height}"
+            );
+        }
+        if h_px == 0 || w_px == 0 {
+            return Err(Error::InvalidArgument(format!(
+                "width and height must be at least ({mw}, {mh}) for this model; got {width}x{height}"
+            )));
+        }
+        let (t, h, w) = ((frames - 1) / tf + 1, h_px / sf, w_px / sf);
+        let c = self.transformer.config().in_channels;
+        // As diffusers: the first expert's scale decides whether guidance runs at all.
+        let do_cfg = req.guidance > 1.0;
+        let vae_opts = WanVaeOptions {
+            tiling: req.vae.tiling,
+            tile_size: req.vae.tile_size,
+            tile_overlap: req.vae.tile_overlap,
+            slicing: req.vae.slicing,
+            decode_chunk_size: req.decode_chunk_size,
+            memory_budget: req.vae.memory_budget,
+        };
+        let vae_memory = vae_opts.plan(&self.vae, b, t, h, w)?;
+        self.check_memory(
+            b,
+            if do_cfg { 2 } else { 1 },
+            (t, h, w),
+            max_len,
+            &vae_memory,
+        )?;
+
+        let kind = req.scheduler.unwrap_or(SchedulerKind::UniPc);
+        if !matches!(kind, SchedulerKind::UniPc | SchedulerKind::FlowEuler) {
+            return Err(Error::InvalidArgument(
+                "Wan runs --scheduler unipc (its own) or flow-euler".into(),
+            ));
+        }
+        let mut sched = schedulers::build(kind, &self.scheduler_config, req.steps)?;
+        let timesteps = sched.timesteps().to_vec();
+
+        self.use_component("text_encoder")?;
+        let prompt_embeds = self
+            .encode_prompt(&req.prompt, max_len)?
+            .repeat((b, 1, 1))?;
+        let negative_embeds = if do_cfg {
+            let neg = req.negative_prompt.as_deref().unwrap_or("");
+            Some(self.encode_prompt(neg, max_len)?.repeat((b, 1, 1))?)
+        } else {
+            None
+        };
+
+        let dev = self.component_device("transformer")?;
+        let mut rng = TorchRng::new(req.seed);
+        let latents = match &req.latents {
+            Some(l) => {
+                let want = [b, c, t, h, w];
+                if l.dims() != want {
+                    return Err(Error::InvalidArgument(format!(
+                        "--latents has shape {:?}, expected {want:?} (B, C, T, h, w) for {b} \
+                         video(s) of {frames} frames at {w_px}x{h_px}",
+                        l.dims()
+                    )));
+                }
+                l.to_device(&dev)?.to_dtype(dtype)?
+            }
+            None => self.base.randn(&mut rng, &[b, c, t, h, w], "transformer")?,
+        };
+        let boundary = self
+            .boundary_ratio
+            .map(|r| r * self.scheduler_config.num_train_timesteps.unwrap_or(1000) as f64);
+        let seq = t * (h / ph) * (w / pw);
+        let latents = denoise(
+            sched.as_mut(),
+            &timesteps,
+            latents,
+            &mut rng,
+            on_step,
+            |latents, step_t, _| {
+                // The high-noise expert above the boundary, the low-noise one below it.
+                let (name, model, g) = match (boundary, &self.transformer_2) {
+                    (Some(bt), Some(t2)) if step_t < bt => ("transformer_2", t2, guidance_2),
+                    _ => ("transformer", &self.transformer, req.guidance),
+                };
+                self.use_component(name)?;
+                let ts = if self.expand_timesteps {
+                    Tensor::full(step_t as f32, (b, seq), &dev)?
+                } else {
+                    Tensor::full(step_t as f32, b, &dev)?
+                };
+                let call = |embeds: &Tensor| {
+                    model.forward(&WanInputs {
+                        hidden_states: latents,
+                        timestep: &ts,
+                        encoder_hidden_states: embeds,
+                    })
+                };
+                let pred = call(&prompt_embeds)?;
+                Ok(match &negative_embeds {
+                    Some(ne) => {
+                        let uncond = call(ne)?;
+                        (&uncond + ((pred - &uncond)? * g)?)?
+                    }
+                    None => pred,
+                })
+            },
+        )?;
+
+        self.use_component("vae")?;
+        let video = self.decode_to_video(&latents, &vae_memory)?;
+        Ok(GenerateOutput {
+            prompt_embeds,
+            pooled_prompt_embeds: None,
+            final_latents: latents,
+            image: video,
+            vae_memory: Default::default(),
+            vae_note: budget_note(&vae_opts, &vae_memory),
+        })
+    }
+
+    /// De-normalises latents with the VAE's `latents_mean`/`latents_std` (as diffusers:
+    /// `z / (1 / std) + mean`), decodes and returns (B, T, H, W, 3) frames in [0, 1] on the CPU.
+    pub fn decode_to_video(
+        &self,
+        latents: &Tensor,
+        mem: &crate::models::WanVaeMemory,
+    ) -> Result<Tensor> {
+        let cfg = self.vae.config();
+        let dev = self.component_device("vae")?;
+        let z_dim = cfg.z_dim;
+        let col = |v: Vec<f32>| Tensor::from_vec(v, (1, z_dim, 1, 1, 1), &dev);
+        let mean = col(cfg.latents_mean.iter().map(|&m| m as f32).collect())?;
+        let inv_std = col(cfg.latents_std.iter().map(|&s| 1.0 / s as f32).collect())?;
+        let z = latents
+            .to_device(&dev)?
+            .to_dtype(DType::F32)?
+            .broadcast_div(&inv_std)?
+            .broadcast_add(&mean)?
+            .to_dtype(self.options.dtype)?;
+        let x = self.vae.decode_with(&z, mem)?;
+        let video = ((x / 2.0)? + 0.5)?
+            .clamp(0f32, 1f32)?
+            .permute((0, 2, 3, 4, 1))?
+            .to_dtype(DType::F32)?
+            .to_device(&candle_core::Device::Cpu)?
+            .contiguous()?;
+        crate::validate::finite(&video, || {
+            "the VAE's decoded video; check vae/config.json (latents_mean, latents_std)".into()
+        })?;
+        Ok(video)
+    }
+
+    fn check_memory(
+        &self,
+        batch: usize,
+        calls: usize,
+        (t, h, w): (usize, usize, usize),
+        text_len: usize,
+        vae: &crate::models::WanVaeMemory,
+    ) -> Result<()> {
+        let cfg = self.transformer.config();
+        let (pt, ph, pw) = cfg.patch();
+        let tokens = (t / pt.max(1)) as f64 * (h / ph.max(1)) as f64 * (w / pw.max(1)) as f64;
+        let inner = cfg.inner_dim() as f64;
+        // Per call: about a dozen token × width tensors of one block, plus bounded attention and
+        // the chunked feed-forward.
+        let tr = batch as f64 * calls as f64 * (tokens + text_len as f64) * inner * 4.0 * 12.0
+            + (64u64 << 20) as f64;
+        let decode = self.vae.decode_peak_estimate(batch, t, h, w, vae) as f64;
+        let frames = self.vae.config().decoded_frames(t) as f64;
+        let sf = self.vae.config().spatial_factor() as f64;
+        let video = batch as f64 * frames * h as f64 * sf * w as f64 * sf * 3.0 * 4.0 * 2.0;
+        self.base.check_memory(&[
+            Need {
+                what: "transformer activations",
+                bytes: tr,
+            },
+            Need {
+                what: "VAE decode",
+                bytes: decode,
+            },
+            Need {
+                what: "output video",
+                bytes: video,
+            },
+        ])
+    }
+}
+
+/// What `--memory-budget` chose for the video VAE, when the user did not ask for it.
+fn budget_note(asked: &WanVaeOptions, mem: &crate::models::WanVaeMemory) -> Option<String> {
+    asked.memory_budget?;
+    let mut parts = Vec::new();
+    let explicit = asked.tiling || asked.tile_size.is_some() || asked.tile_overlap.is_some();
+    if let (false, Some(t)) = (explicit, mem.tiling) {
+        let ((th, tw), (sh, sw)) = (t.tile(), t.stride());
+        parts.push(format!("tiles of {th}x{tw} px, stride {sh}x{sw}"));
+    }
+    if asked.decode_chunk_size.is_none() && mem.decode_chunk != 1 {
+        parts.push(format!(
+            "decode chunks of {} latent frames",
+            mem.decode_chunk
+        ));
+    }
+    (!parts.is_empty()).then(|| format!("VAE: chose {} to fit --memory-budget", parts.join(", ")))
+}
+
+impl Pipeline for Wan {
+    fn base(&self) -> &PipelineBase {
+        &self.base
+    }
+    fn base_mut(&mut self) -> &mut PipelineBase {
+        &mut self.base
+    }
+    fn defaults(&self) -> (usize, f64) {
+        (50, 5.0)
+    }
+    fn size_multiple(&self) -> usize {
+        16
+    }
+    fn run(
+        &self,
+        req: &GenerateRequest,
+        on_step: &mut dyn FnMut(usize, usize),
+    ) -> Result<GenerateOutput> {
+        Wan::run(self, req, on_step)
+    }
+}
