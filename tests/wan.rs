@@ -189,3 +189,150 @@ fn bad_wan_input_is_a_clear_error() {
         &["unipc", "flow-euler"],
     );
 }
+
+// ---- through the CLI ----
+
+fn cli_args(dir: &std::path::Path, out: &str, extra: &[&str]) -> Vec<String> {
+    let c = &cases("tiny-wan21")["cases"]["cfg"];
+    let v = |k: &str| c[k].to_string().trim_matches('"').to_string();
+    let mut a: Vec<String> = [
+        "generate",
+        "--model",
+        s(&model("tiny-wan21")),
+        "--prompt",
+        &v("prompt"),
+        "--negative-prompt",
+        &v("negative_prompt"),
+        "--steps",
+        &v("steps"),
+        "--guidance",
+        &v("guidance"),
+        "--seed",
+        &v("seed"),
+        "--width",
+        &v("width"),
+        "--height",
+        &v("height"),
+        "--frames",
+        &v("num_frames"),
+        "--max-sequence-length",
+        &v("max_sequence_length"),
+        "--save-tensors",
+        s(&dir.join("w.safetensors")),
+        "--out",
+        s(&dir.join(out)),
+    ]
+    .iter()
+    .map(|x| x.to_string())
+    .collect();
+    a.extend(extra.iter().map(|x| x.to_string()));
+    a
+}
+
+#[test]
+fn cli_writes_an_mp4_and_frames_that_match_diffusers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let args = cli_args(tmp.path(), "w.mp4", &["--fps", "8"]);
+    ok(&args.iter().map(|a| a.as_str()).collect::<Vec<_>>());
+    let got = load_refs(tmp.path().join("w.safetensors"));
+    let want = load_refs(refs("tiny-wan21").join("pipeline_cfg.safetensors"));
+    for k in ["prompt_embeds", "final_latents", "video"] {
+        assert_close(&format!("cli {k}"), &got[k], &want[k], TOL);
+    }
+    // The container: one H.264 track, a sample per frame, the size and rate asked for.
+    let bytes = std::fs::read(tmp.path().join("w.mp4")).unwrap();
+    let reader =
+        mp4::Mp4Reader::read_header(std::io::Cursor::new(&bytes), bytes.len() as u64).unwrap();
+    let track = &reader.tracks()[&1];
+    assert_eq!(track.media_type().unwrap(), mp4::MediaType::H264);
+    assert_eq!((track.width(), track.height()), (48, 32));
+    assert_eq!(track.sample_count(), 9);
+    assert_eq!(track.frame_rate(), 8.0);
+    // A folder of frames holds the same frames as 8-bit PNGs, exactly.
+    let args = cli_args(tmp.path(), "frames/", &["--offload", "group"]);
+    ok(&args.iter().map(|a| a.as_str()).collect::<Vec<_>>());
+    let video = &got["video"];
+    for t in [0usize, 4, 8] {
+        let png = image::open(tmp.path().join(format!("frames/frame_{t:04}.png")))
+            .unwrap()
+            .to_rgb8();
+        let want: Vec<u8> = video
+            .get(0)
+            .unwrap()
+            .get(t)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+            .iter()
+            .map(|v| (v.clamp(0.0, 1.0) * 255.0).round() as u8)
+            .collect();
+        assert_eq!(png.into_raw(), want, "frame {t}");
+    }
+}
+
+#[test]
+fn cli_refuses_bad_video_arguments_before_any_work() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = |out: &str, extra: &[&str], expect: &[&str]| {
+        let a = cli_args(tmp.path(), out, extra);
+        fails(&a.iter().map(|x| x.as_str()).collect::<Vec<_>>(), expect);
+    };
+    run("w.png", &[], &["--out", ".mp4"]);
+    run("w.avi", &[], &["--out", ".avi"]);
+    run("w.mp4", &["--fps", "0"], &["--fps"]);
+    run(
+        "w.mp4",
+        &["--decode-chunk-size", "0"],
+        &["--decode-chunk-size"],
+    );
+    run("w.mp4", &["--guidance-2", "2"], &["--guidance-2"]);
+    assert!(
+        std::fs::read_dir(tmp.path()).unwrap().next().is_none(),
+        "files were left"
+    );
+}
+
+#[test]
+fn vae_cli_decodes_a_wan_vae_in_chunks_and_tiles() {
+    let tmp = tempfile::tempdir().unwrap();
+    let r = load_refs(refs("tiny-wan21").join("vae.safetensors"));
+    let z = tmp.path().join("z.safetensors");
+    r["z"].save_safetensors("z", &z).unwrap();
+    let tiling = &cases("tiny-wan21")["vae"]["decode_tiling"];
+    let tile = tiling["tile_sample_min_height"].as_u64().unwrap();
+    let stride = tiling["tile_sample_stride_height"].as_u64().unwrap();
+    let (tile, overlap) = (
+        tile.to_string(),
+        (1.0 - stride as f64 / tile as f64).to_string(),
+    );
+    let m = model("tiny-wan21");
+    for (i, (extra, want)) in [
+        (&[][..], "sample"),
+        (&["--decode-chunk-size", "2"][..], "sample"),
+        (
+            &["--tile-size", &tile, "--tile-overlap", &overlap][..],
+            "sample_tiled",
+        ),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let dst = tmp.path().join(format!("s{i}.safetensors"));
+        let mut a = vec![
+            "vae",
+            "decode",
+            "--model",
+            s(&m),
+            "--latents",
+            s(&z),
+            "--save-tensors",
+            s(&dst),
+        ];
+        a.extend(extra);
+        ok(&a);
+        let got = load_refs(dst)["sample"].clone();
+        assert_close(&format!("vae cli {extra:?}"), &got, &r[want], TOL);
+    }
+}
