@@ -40,14 +40,18 @@ impl StorageDtype {
     }
 }
 
-/// diffusers' `DEFAULT_SKIP_MODULES_PATTERN` (FLUX's and the UNet's own patterns, `pos_embed`
-/// and `norm`, are among them): layers whose module name matches keep the file's dtype.
-const SKIP_PATTERNS: [&str; 5] = [
+/// diffusers' `DEFAULT_SKIP_MODULES_PATTERN` plus the supported models' own
+/// `_skip_layerwise_casting_patterns` (FLUX's and the UNet's, `pos_embed` and `norm`, are among
+/// the defaults; Wan adds `patch_embedding` and `condition_embedder`, names no other family
+/// uses): layers whose module name matches keep the file's dtype.
+const SKIP_PATTERNS: [&str; 7] = [
     "pos_embed",
     "patch_embed",
     "norm",
     "^proj_in$",
     "^proj_out$",
+    "patch_embedding",
+    "condition_embedder",
 ];
 
 /// Whether diffusers' layerwise casting leaves the parameter `name` alone (`re.search` of each
@@ -201,6 +205,8 @@ mod tests {
         assert!(!skipped("single_transformer_blocks.0.proj_out.weight"));
         assert!(!skipped("transformer_blocks.0.attn.to_q.weight"));
         assert!(skipped("pos_embed.proj.weight"));
+        assert!(skipped("condition_embedder.time_embedder.linear_1.weight"));
+        assert!(!skipped("blocks.0.attn1.to_q.weight"));
     }
 
     #[test]
