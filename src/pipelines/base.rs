@@ -178,6 +178,33 @@ impl PipelineBase {
             })
     }
 
+    /// Builds component `name`'s model (see [`Component::build`]).
+    pub fn build<C: serde::de::DeserializeOwned, M>(
+        &self,
+        name: &str,
+        new: impl FnOnce(&crate::residency::ParamPath, &C) -> Result<M>,
+    ) -> Result<(M, C)> {
+        self.component(name)?.build(new)
+    }
+
+    /// Refuses a tokenizer whose ids the text encoder `encoder` cannot embed, naming both.
+    pub fn check_vocab(
+        &self,
+        tokenizer: &str,
+        max_id: u32,
+        encoder: &str,
+        vocab: usize,
+    ) -> Result<()> {
+        if max_id as usize >= vocab {
+            return Err(Error::Tokenizer(format!(
+                "{} has token ids up to {max_id} but {encoder}/config.json's vocab_size is \
+                 {vocab}; the tokenizer does not belong to this text encoder",
+                self.root.join(tokenizer).display()
+            )));
+        }
+        Ok(())
+    }
+
     /// The device a component computes on.
     pub fn component_device(&self, name: &str) -> Result<Device> {
         Ok(self.component(name)?.weights.device())

@@ -94,29 +94,13 @@ impl Flux {
             read_json(&root.join("scheduler").join("scheduler_config.json"))?;
         let scheduler_config = FlowMatchConfig::from_config(&raw_scheduler_config)?;
 
-        let c = base.component("text_encoder")?;
-        let te_cfg: ClipTextConfig = c.config()?;
-        let pp = c.param_root();
-        let text_encoder = ClipTextModel::new(&pp, &te_cfg)?;
-        c.validate(&pp)?;
-
-        let c = base.component("text_encoder_2")?;
-        let t5_cfg: T5Config = c.config()?;
-        let pp = c.param_root();
-        let text_encoder_2 = T5EncoderModel::new(&pp, &t5_cfg)?;
-        c.validate(&pp)?;
-
-        let c = base.component("transformer")?;
-        let tr_cfg: FluxTransformerConfig = c.config()?;
-        let pp = c.param_root();
-        let transformer = FluxTransformer2DModel::new(&pp, &tr_cfg)?;
-        c.validate(&pp)?;
-
-        let c = base.component("vae")?;
-        let vae_cfg: AutoencoderKLConfig = c.config()?;
-        let pp = c.param_root();
-        let vae = AutoencoderKL::new(&pp, &vae_cfg)?;
-        c.validate(&pp)?;
+        let (text_encoder, te_cfg): (_, ClipTextConfig) =
+            base.build("text_encoder", ClipTextModel::new)?;
+        let (text_encoder_2, t5_cfg): (_, T5Config) =
+            base.build("text_encoder_2", T5EncoderModel::new)?;
+        let (transformer, tr_cfg): (_, FluxTransformerConfig) =
+            base.build("transformer", FluxTransformer2DModel::new)?;
+        let (vae, vae_cfg): (_, AutoencoderKLConfig) = base.build("vae", AutoencoderKL::new)?;
 
         // The transformer consumes 2x2 patches of the VAE's latents.
         if tr_cfg.in_channels != vae_cfg.latent_channels * 4 {
@@ -133,28 +117,18 @@ impl Flux {
         let tokenizer =
             ClipTokenizer::from_dir(&root.join("tokenizer"), te_cfg.max_position_embeddings)?;
         let tokenizer_2 = T5Tokenizer::from_dir(&root.join("tokenizer_2"))?;
-        for (dir, max, vocab, cfg) in [
-            (
-                "tokenizer",
-                tokenizer.max_id(),
-                te_cfg.vocab_size,
-                "text_encoder",
-            ),
-            (
-                "tokenizer_2",
-                tokenizer_2.max_id(),
-                t5_cfg.vocab_size,
-                "text_encoder_2",
-            ),
-        ] {
-            if max as usize >= vocab {
-                return Err(Error::Tokenizer(format!(
-                    "{} has token ids up to {max} but {cfg}/config.json's vocab_size is {vocab}; \
-                     the tokenizer does not belong to this text encoder",
-                    root.join(dir).display()
-                )));
-            }
-        }
+        base.check_vocab(
+            "tokenizer",
+            tokenizer.max_id(),
+            "text_encoder",
+            te_cfg.vocab_size,
+        )?;
+        base.check_vocab(
+            "tokenizer_2",
+            tokenizer_2.max_id(),
+            "text_encoder_2",
+            t5_cfg.vocab_size,
+        )?;
         base.apply_device_map()?;
         Ok(Self {
             base,

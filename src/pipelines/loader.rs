@@ -305,6 +305,19 @@ impl Component {
         Ok(())
     }
 
+    /// Builds the component's model from its `config.json` with `new`, then checks every
+    /// parameter it declared against the checkpoint. Returns the model and its config.
+    pub fn build<C: serde::de::DeserializeOwned, M>(
+        &self,
+        new: impl FnOnce(&ParamPath, &C) -> Result<M>,
+    ) -> Result<(M, C)> {
+        let cfg: C = self.config()?;
+        let pp = self.param_root();
+        let model = new(&pp, &cfg)?;
+        self.validate(&pp)?;
+        Ok((model, cfg))
+    }
+
     pub fn config<T: serde::de::DeserializeOwned>(&self) -> Result<T> {
         read_json(&self.dir.join("config.json"))
     }

@@ -84,33 +84,20 @@ impl StableDiffusion {
         let scheduler_config: SchedulerConfig =
             read_json(&root.join("scheduler").join("scheduler_config.json"))?;
 
-        let te = base.component("text_encoder")?;
-        let te_cfg: ClipTextConfig = te.config()?;
-        let pp = te.param_root();
-        let text_encoder = ClipTextModel::new(&pp, &te_cfg)?;
-        te.validate(&pp)?;
-
-        let c = base.component("unet")?;
-        let pp = c.param_root();
-        let unet = UNet2DConditionModel::new(&pp, &c.config::<UNet2DConditionConfig>()?)?;
-        c.validate(&pp)?;
-
-        let c = base.component("vae")?;
-        let pp = c.param_root();
-        let vae = AutoencoderKL::new(&pp, &c.config::<AutoencoderKLConfig>()?)?;
-        c.validate(&pp)?;
+        let (text_encoder, te_cfg): (_, ClipTextConfig) =
+            base.build("text_encoder", ClipTextModel::new)?;
+        let (unet, _): (_, UNet2DConditionConfig) =
+            base.build("unet", UNet2DConditionModel::new)?;
+        let (vae, _): (_, AutoencoderKLConfig) = base.build("vae", AutoencoderKL::new)?;
 
         let tokenizer =
             ClipTokenizer::from_dir(&root.join("tokenizer"), te_cfg.max_position_embeddings)?;
-        if tokenizer.max_id() as usize >= te_cfg.vocab_size {
-            return Err(Error::Tokenizer(format!(
-                "{} has token ids up to {} but text_encoder/config.json's vocab_size is {}; \
-                 the tokenizer does not belong to this text encoder",
-                root.join("tokenizer").display(),
-                tokenizer.max_id(),
-                te_cfg.vocab_size
-            )));
-        }
+        base.check_vocab(
+            "tokenizer",
+            tokenizer.max_id(),
+            "text_encoder",
+            te_cfg.vocab_size,
+        )?;
         base.apply_device_map()?;
         Ok(Self {
             base,

@@ -45,10 +45,7 @@ fn open_vae_component(root: &Path, opts: &LoadOptions) -> Result<Component> {
 /// Opens the `AutoencoderKL` of a pipeline folder (its `vae/`), or a folder that is itself a VAE.
 pub fn load_vae(root: &Path, opts: &LoadOptions) -> Result<(AutoencoderKL, Component)> {
     let c = open_vae_component(root, opts)?;
-    let cfg: AutoencoderKLConfig = c.config()?;
-    let pp = c.param_root();
-    let vae = AutoencoderKL::new(&pp, &cfg)?;
-    c.validate(&pp)?;
+    let (vae, _): (_, AutoencoderKLConfig) = c.build(AutoencoderKL::new)?;
     Ok((vae, c))
 }
 

@@ -130,17 +130,10 @@ impl Wan {
             }
         }
 
-        let c = base.component("text_encoder")?;
-        let te_cfg: T5Config = c.config()?;
-        let pp = c.param_root();
-        let text_encoder = T5EncoderModel::new(&pp, &te_cfg)?;
-        c.validate(&pp)?;
-
+        let (text_encoder, te_cfg): (_, T5Config) =
+            base.build("text_encoder", T5EncoderModel::new)?;
         let transformer_of = |name: &str| -> Result<WanTransformer3DModel> {
-            let c = base.component(name)?;
-            let pp = c.param_root();
-            let m = WanTransformer3DModel::new(&pp, &c.config::<WanTransformerConfig>()?)?;
-            c.validate(&pp)?;
+            let (m, _): (_, WanTransformerConfig) = base.build(name, WanTransformer3DModel::new)?;
             Ok(m)
         };
         let transformer = transformer_of("transformer")?;
@@ -157,10 +150,7 @@ impl Wan {
             ));
         }
 
-        let c = base.component("vae")?;
-        let pp = c.param_root();
-        let vae = AutoencoderKLWan::new(&pp, &c.config::<AutoencoderKLWanConfig>()?)?;
-        c.validate(&pp)?;
+        let (vae, _): (_, AutoencoderKLWanConfig) = base.build("vae", AutoencoderKLWan::new)?;
         if transformer.config().in_channels != vae.config().z_dim {
             return Err(Error::unsupported(
                 "transformer/config.json",
@@ -171,15 +161,12 @@ impl Wan {
         }
 
         let tokenizer = T5Tokenizer::from_dir(&root.join("tokenizer"))?;
-        if tokenizer.max_id() as usize >= te_cfg.vocab_size {
-            return Err(Error::Tokenizer(format!(
-                "{} has token ids up to {} but text_encoder/config.json's vocab_size is {}; \
-                 the tokenizer does not belong to this text encoder",
-                root.join("tokenizer").display(),
-                tokenizer.max_id(),
-                te_cfg.vocab_size
-            )));
-        }
+        base.check_vocab(
+            "tokenizer",
+            tokenizer.max_id(),
+            "text_encoder",
+            te_cfg.vocab_size,
+        )?;
         base.apply_device_map()?;
         Ok(Self {
             base,
