@@ -79,6 +79,24 @@ impl OffloadPlan {
     }
 }
 
+/// Makes a family struct with a `base: PipelineBase` field dereference to it.
+#[macro_export]
+macro_rules! family_base {
+    ($family:ty) => {
+        impl std::ops::Deref for $family {
+            type Target = $crate::pipelines::PipelineBase;
+            fn deref(&self) -> &Self::Target {
+                &self.base
+            }
+        }
+        impl std::ops::DerefMut for $family {
+            fn deref_mut(&mut self) -> &mut Self::Target {
+                &mut self.base
+            }
+        }
+    };
+}
+
 /// A component a family declares: its folder, checkpoint stem and the classes it accepts.
 pub struct ComponentSpec {
     pub name: &'static str,

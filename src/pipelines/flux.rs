@@ -70,18 +70,7 @@ pub struct Flux {
     raw_scheduler_config: SchedulerConfig,
 }
 
-impl std::ops::Deref for Flux {
-    type Target = PipelineBase;
-    fn deref(&self) -> &PipelineBase {
-        &self.base
-    }
-}
-
-impl std::ops::DerefMut for Flux {
-    fn deref_mut(&mut self) -> &mut PipelineBase {
-        &mut self.base
-    }
-}
+crate::family_base!(Flux);
 
 impl Flux {
     pub fn load(root: &Path, opts: LoadOptions) -> Result<Self> {
@@ -383,12 +372,6 @@ impl Flux {
 }
 
 impl Pipeline for Flux {
-    fn base(&self) -> &PipelineBase {
-        &self.base
-    }
-    fn base_mut(&mut self) -> &mut PipelineBase {
-        &mut self.base
-    }
     fn defaults(&self) -> (usize, f64) {
         (28, 3.5)
     }

@@ -136,10 +136,15 @@ impl GenerateOutput {
     }
 }
 
-/// A loaded pipeline of any family.
-pub trait Pipeline: Send + Sync {
-    fn base(&self) -> &PipelineBase;
-    fn base_mut(&mut self) -> &mut PipelineBase;
+/// A loaded pipeline of any family. Families hold a [`PipelineBase`] and reach it through
+/// `Deref` ([`family_base!`]), so every shared method (offload, device maps, accounting) is theirs.
+pub trait Pipeline: std::ops::DerefMut<Target = PipelineBase> + Send + Sync {
+    fn base(&self) -> &PipelineBase {
+        self
+    }
+    fn base_mut(&mut self) -> &mut PipelineBase {
+        self
+    }
     /// diffusers' defaults for this family: (steps, guidance).
     fn defaults(&self) -> (usize, f64);
     /// Width and height must be multiples of this.

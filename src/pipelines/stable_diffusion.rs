@@ -61,18 +61,7 @@ const COMPONENTS: &[ComponentSpec] = &[
 /// `model_index.json` classes this family runs.
 pub const CLASSES: &[&str] = &["StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline"];
 
-impl std::ops::Deref for StableDiffusion {
-    type Target = PipelineBase;
-    fn deref(&self) -> &PipelineBase {
-        &self.base
-    }
-}
-
-impl std::ops::DerefMut for StableDiffusion {
-    fn deref_mut(&mut self) -> &mut PipelineBase {
-        &mut self.base
-    }
-}
+crate::family_base!(StableDiffusion);
 
 impl StableDiffusion {
     pub fn load(root: &Path, opts: LoadOptions) -> Result<Self> {
@@ -340,12 +329,6 @@ impl StableDiffusion {
 }
 
 impl Pipeline for StableDiffusion {
-    fn base(&self) -> &PipelineBase {
-        &self.base
-    }
-    fn base_mut(&mut self) -> &mut PipelineBase {
-        &mut self.base
-    }
     fn defaults(&self) -> (usize, f64) {
         (50, 7.5)
     }

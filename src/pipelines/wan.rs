@@ -79,18 +79,7 @@ pub struct Wan {
     expand_timesteps: bool,
 }
 
-impl std::ops::Deref for Wan {
-    type Target = PipelineBase;
-    fn deref(&self) -> &PipelineBase {
-        &self.base
-    }
-}
-
-impl std::ops::DerefMut for Wan {
-    fn deref_mut(&mut self) -> &mut PipelineBase {
-        &mut self.base
-    }
-}
+crate::family_base!(Wan);
 
 /// `WanPipeline`'s `prompt_clean`: HTML entities unescaped (twice, as `ftfy`-less diffusers
 /// does), whitespace runs collapsed to one space, trimmed.
@@ -460,12 +449,6 @@ fn budget_note(asked: &WanVaeOptions, mem: &crate::models::WanVaeMemory) -> Opti
 }
 
 impl Pipeline for Wan {
-    fn base(&self) -> &PipelineBase {
-        &self.base
-    }
-    fn base_mut(&mut self) -> &mut PipelineBase {
-        &mut self.base
-    }
     fn defaults(&self) -> (usize, f64) {
         (50, 5.0)
     }
