@@ -336,3 +336,78 @@ fn vae_cli_decodes_a_wan_vae_in_chunks_and_tiles() {
         assert_close(&format!("vae cli {extra:?}"), &got, &r[want], TOL);
     }
 }
+
+#[test]
+fn vae_cli_encodes_a_folder_of_frames() {
+    let tmp = tempfile::tempdir().unwrap();
+    let r = load_refs(refs("tiny-wan21").join("vae.safetensors"));
+    // The reference video as 8-bit PNG frames (quantisation is the only difference).
+    let x = &r["x"]; // (1, 3, T, H, W) in [-1, 1]
+    let frames = tmp.path().join("frames");
+    std::fs::create_dir(&frames).unwrap();
+    let (t, h, w) = (x.dim(2).unwrap(), x.dim(3).unwrap(), x.dim(4).unwrap());
+    let mut q = Vec::new();
+    for i in 0..t {
+        let f = x
+            .get(0)
+            .unwrap()
+            .narrow(1, i, 1)
+            .unwrap()
+            .squeeze(1)
+            .unwrap();
+        let px: Vec<u8> = f
+            .permute((1, 2, 0))
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+            .iter()
+            .map(|v| ((v + 1.0) / 2.0 * 255.0).round().clamp(0.0, 255.0) as u8)
+            .collect();
+        q.extend(px.iter().map(|&b| b as f32 / 255.0 * 2.0 - 1.0));
+        image::RgbImage::from_raw(w as u32, h as u32, px)
+            .unwrap()
+            .save(frames.join(format!("f{i:03}.png")))
+            .unwrap();
+    }
+    let dst = tmp.path().join("e.safetensors");
+    let m = model("tiny-wan21");
+    ok(&[
+        "vae",
+        "encode",
+        "--model",
+        s(&m),
+        "--image",
+        s(&frames),
+        "--save-tensors",
+        s(&dst),
+    ]);
+    let got = load_refs(dst);
+    // The same quantised video through the library is the exact reference for the CLI path.
+    let xq = Tensor::from_vec(q, (t, h, w, 3), &candle_core::Device::Cpu)
+        .unwrap()
+        .permute((3, 0, 1, 2))
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap()
+        .contiguous()
+        .unwrap();
+    let xq_path = tmp.path().join("xq.safetensors");
+    xq.save_safetensors("x", &xq_path).unwrap();
+    let dst2 = tmp.path().join("e2.safetensors");
+    ok(&[
+        "vae",
+        "encode",
+        "--model",
+        s(&m),
+        "--image",
+        s(&xq_path),
+        "--save-tensors",
+        s(&dst2),
+    ]);
+    let want = load_refs(dst2);
+    assert_close("folder encode mean", &got["mean"], &want["mean"], 1e-6);
+    // And close to diffusers' encode of the unquantised video.
+    assert_close("folder encode vs diffusers", &got["mean"], &r["mean"], 5e-2);
+}
