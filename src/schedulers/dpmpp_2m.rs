@@ -136,12 +136,6 @@ impl Scheduler for DpmSolverMultistep {
     fn timesteps(&self) -> &[f64] {
         &self.timesteps
     }
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-    fn scale_model_input(&mut self, sample: &Tensor, _t: f64) -> Result<Tensor> {
-        Ok(sample.clone())
-    }
     fn step(
         &mut self,
         out: &Tensor,

@@ -359,12 +359,6 @@ impl Scheduler for FlowMatchEulerDiscrete {
     fn timesteps(&self) -> &[f64] {
         &self.timesteps
     }
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-    fn scale_model_input(&mut self, sample: &Tensor, _t: f64) -> Result<Tensor> {
-        Ok(sample.clone())
-    }
     /// `prev = sample + (sigma_next - sigma) * model_output`, the sample upcast to f32 as
     /// diffusers does and the result in the model output's dtype.
     fn step(

@@ -143,8 +143,14 @@ impl SchedulerKind {
 pub trait Scheduler {
     /// The timesteps to run, in order (one UNet call each).
     fn timesteps(&self) -> &[f64];
-    fn init_noise_sigma(&self) -> f64;
-    fn scale_model_input(&mut self, sample: &Tensor, t: f64) -> Result<Tensor>;
+    /// The initial noise's scale (1 for DDPM-style and flow schedulers).
+    fn init_noise_sigma(&self) -> f64 {
+        1.0
+    }
+    /// The model input for `sample` at `t` (unchanged unless the scheduler scales it).
+    fn scale_model_input(&mut self, sample: &Tensor, _t: f64) -> Result<Tensor> {
+        Ok(sample.clone())
+    }
     fn step(
         &mut self,
         model_output: &Tensor,

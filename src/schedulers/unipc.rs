@@ -486,12 +486,6 @@ impl Scheduler for UniPcMultistep {
     fn timesteps(&self) -> &[f64] {
         &self.timesteps
     }
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-    fn scale_model_input(&mut self, sample: &Tensor, _t: f64) -> Result<Tensor> {
-        Ok(sample.clone())
-    }
     /// One UniPC step: corrector on `sample` (from the second step on), then predictor. The
     /// update runs in the sample's dtype; the flow output is converted to x0 as diffusers does
     /// (`sample - sigma * model_output`, the product in the output's dtype).
