@@ -5,40 +5,19 @@
 mod common;
 
 use std::collections::HashMap;
-use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use common::*;
 use lowtide::models::{FluxInputs, FluxTransformer2DModel, FluxTransformerConfig};
 use lowtide::pipelines::Component;
-use lowtide::residency::{Accounting, Strategy};
+use lowtide::residency::Strategy;
 
 const FLAVOURS: [&str; 2] = ["tiny-flux-dev", "tiny-flux-schnell"];
 
 fn open(name: &str) -> (Component, FluxTransformer2DModel) {
-    let c = Component::open(
-        &model(name),
-        "transformer",
-        "diffusion_pytorch_model",
-        None,
-        &Device::Cpu,
-        DType::F32,
-        Arc::new(Accounting::default()),
-    )
-    .unwrap();
-    let cfg: FluxTransformerConfig = c.config().unwrap();
-    let pp = c.param_root();
-    let m = FluxTransformer2DModel::new(&pp, &cfg).unwrap();
-    c.validate(&pp).unwrap();
-    // Every tensor of the checkpoint is used: nothing is silently ignored.
-    let declared: Vec<String> = pp.declared().into_iter().map(|s| s.name).collect();
-    for n in c.weights.store().names() {
-        assert!(
-            declared.contains(n),
-            "{name}: checkpoint tensor {n} is not used"
-        );
-    }
-    (c, m)
+    build_component(name, "transformer", |pp, cfg: &FluxTransformerConfig| {
+        FluxTransformer2DModel::new(pp, cfg)
+    })
 }
 
 fn inputs(r: &HashMap<String, Tensor>) -> FluxInputs<'_> {

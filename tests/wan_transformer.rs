@@ -5,38 +5,17 @@
 mod common;
 
 use std::collections::HashMap;
-use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use common::*;
 use lowtide::models::{WanInputs, WanTransformer3DModel, WanTransformerConfig};
 use lowtide::pipelines::Component;
-use lowtide::residency::{Accounting, Strategy};
+use lowtide::residency::Strategy;
 
 fn open_component(name: &str, component: &str) -> (Component, WanTransformer3DModel) {
-    let c = Component::open(
-        &model(name),
-        component,
-        "diffusion_pytorch_model",
-        None,
-        &Device::Cpu,
-        DType::F32,
-        Arc::new(Accounting::default()),
-    )
-    .unwrap();
-    let cfg: WanTransformerConfig = c.config().unwrap();
-    let pp = c.param_root();
-    let m = WanTransformer3DModel::new(&pp, &cfg).unwrap();
-    c.validate(&pp).unwrap();
-    // Every tensor of the checkpoint is used: nothing is silently ignored.
-    let declared: Vec<String> = pp.declared().into_iter().map(|s| s.name).collect();
-    for n in c.weights.store().names() {
-        assert!(
-            declared.contains(n),
-            "{name}/{component}: checkpoint tensor {n} is not used"
-        );
-    }
-    (c, m)
+    build_component(name, component, |pp, cfg: &WanTransformerConfig| {
+        WanTransformer3DModel::new(pp, cfg)
+    })
 }
 
 fn open(name: &str) -> (Component, WanTransformer3DModel) {

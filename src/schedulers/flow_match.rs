@@ -8,11 +8,9 @@
 
 use candle_core::{DType, Tensor};
 
-use super::{linspace_f64, sigma_index, Scheduler, SchedulerConfig, StepIndex};
+use super::{linspace_f64, refuse_true, sigma_index, Scheduler, SchedulerConfig, StepIndex, FILE};
 use crate::error::{Error, Result};
 use crate::rng::TorchRng;
-
-const FILE: &str = "scheduler/scheduler_config.json";
 
 /// diffusers' `calculate_shift` (pipelines/flux/pipeline_flux.py): `mu` grows linearly with the
 /// image token count, from `base_shift` at `base_seq_len` to `max_shift` at `max_seq_len`.
@@ -52,18 +50,6 @@ pub struct FlowMatchConfig {
     pub invert_sigmas: bool,
     pub shift_terminal: Option<f64>,
     pub time_shift_type: TimeShift,
-}
-
-fn refuse_true(field: &str, v: Option<bool>) -> Result<()> {
-    if v == Some(true) {
-        return Err(Error::unsupported(
-            FILE,
-            field,
-            "true",
-            "not supported by lowtide's FlowMatchEulerDiscreteScheduler; set it to false",
-        ));
-    }
-    Ok(())
 }
 
 fn finite(field: &str, v: f64) -> Result<f64> {

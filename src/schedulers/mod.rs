@@ -271,14 +271,15 @@ pub struct Common {
     pub steps_offset: usize,
 }
 
+/// Refuses a boolean option this crate does not implement when it is set.
 fn refuse_true(field: &str, v: Option<bool>) -> Result<()> {
+    refuse_true_because(field, v, "not supported; set it to false")
+}
+
+/// [`refuse_true`] with a reason of the scheduler's own.
+fn refuse_true_because(field: &str, v: Option<bool>, hint: &str) -> Result<()> {
     if v == Some(true) {
-        return Err(Error::unsupported(
-            FILE,
-            field,
-            "true",
-            "not supported; set it to false",
-        ));
+        return Err(Error::unsupported(FILE, field, "true", hint));
     }
     Ok(())
 }

@@ -11,11 +11,11 @@
 
 use candle_core::Tensor;
 
-use super::{linspace_f64, sigma_index, Scheduler, SchedulerConfig, StepIndex};
+use super::{
+    linspace_f64, refuse_true_because, sigma_index, Scheduler, SchedulerConfig, StepIndex, FILE,
+};
 use crate::error::{Error, Result};
 use crate::rng::TorchRng;
-
-const FILE: &str = "scheduler/scheduler_config.json";
 
 /// `solver_type`: the B(h) of the update.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,13 +45,6 @@ pub struct UniPcConfig {
     pub disable_corrector: Vec<usize>,
     pub flow_shift: f64,
     pub final_sigmas_type: FinalSigma,
-}
-
-fn refuse_true(field: &str, v: Option<bool>, hint: &str) -> Result<()> {
-    if v == Some(true) {
-        return Err(Error::unsupported(FILE, field, "true", hint));
-    }
-    Ok(())
 }
 
 impl UniPcConfig {
@@ -167,12 +160,12 @@ impl UniPcConfig {
                 "must be a positive finite number",
             ));
         }
-        refuse_true(
+        refuse_true_because(
             "thresholding",
             cfg.thresholding,
             "not supported; set it to false",
         )?;
-        refuse_true(
+        refuse_true_because(
             "use_dynamic_shifting",
             cfg.use_dynamic_shifting,
             "not supported by lowtide's UniPC; set it to false and use flow_shift",
@@ -182,7 +175,7 @@ impl UniPcConfig {
             ("use_exponential_sigmas", cfg.use_exponential_sigmas),
             ("use_beta_sigmas", cfg.use_beta_sigmas),
         ] {
-            refuse_true(
+            refuse_true_because(
                 field,
                 v,
                 "not supported with use_flow_sigmas; set it to false",

@@ -135,3 +135,34 @@ pub fn scratch(name: &str) -> (tempfile::TempDir, PathBuf) {
 pub fn scratch_pipeline() -> (tempfile::TempDir, PathBuf) {
     scratch("tiny-sd15")
 }
+
+/// Opens component `component` of fixture pipeline `name` (f32, CPU, its own accounting) and
+/// builds its model with `new`, asserting that every tensor of the checkpoint is used, so nothing
+/// is silently ignored.
+pub fn build_component<C: serde::de::DeserializeOwned, M>(
+    name: &str,
+    component: &str,
+    new: impl FnOnce(&lowtide::residency::ParamPath, &C) -> lowtide::Result<M>,
+) -> (lowtide::pipelines::Component, M) {
+    let c = lowtide::pipelines::Component::open(
+        &model(name),
+        component,
+        "diffusion_pytorch_model",
+        None,
+        &Device::Cpu,
+        DType::F32,
+        std::sync::Arc::default(),
+    )
+    .unwrap();
+    let pp = c.param_root();
+    let m = new(&pp, &c.config().unwrap()).unwrap();
+    c.validate(&pp).unwrap();
+    let declared: Vec<String> = pp.declared().into_iter().map(|s| s.name).collect();
+    for n in c.weights.store().names() {
+        assert!(
+            declared.contains(n),
+            "{name}/{component}: checkpoint tensor {n} is not used"
+        );
+    }
+    (c, m)
+}
