@@ -427,9 +427,25 @@ pub fn denoise(
     Ok(latents)
 }
 
-/// VAE-decodes latents as the pipelines do (`z / scaling_factor + shift_factor`) into
-/// (B, H, W, 3) images in [0, 1] on the CPU, failing if the decode is not finite.
-pub fn decode_to_image(vae: &AutoencoderKL, latents: &Tensor, mem: &VaeMemory) -> Result<Tensor> {
+impl PipelineBase {
+    /// VAE-decodes latents on the `vae` component's device as the image pipelines do
+    /// (`z / scaling_factor + shift_factor`) into (B, H, W, 3) images in [0, 1] on the CPU,
+    /// failing if the decode is not finite.
+    pub fn decode_to_image(
+        &self,
+        vae: &AutoencoderKL,
+        latents: &Tensor,
+        mem: &VaeMemory,
+    ) -> Result<Tensor> {
+        decode_to_image(
+            vae,
+            &latents.to_device(&self.component_device("vae")?)?,
+            mem,
+        )
+    }
+}
+
+fn decode_to_image(vae: &AutoencoderKL, latents: &Tensor, mem: &VaeMemory) -> Result<Tensor> {
     let cfg = vae.config();
     let mut z = (latents / cfg.scaling_factor)?;
     if let Some(s) = cfg.shift_factor {

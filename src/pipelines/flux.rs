@@ -4,14 +4,12 @@ use std::path::Path;
 
 use candle_core::Tensor;
 
-use super::base::{
-    decode_to_image, denoise, vae_decode_needs, ComponentSpec, LoadOptions, PipelineBase,
-};
+use super::base::{denoise, vae_decode_needs, ComponentSpec, LoadOptions, PipelineBase};
 use super::{GenerateOutput, GenerateRequest, Pipeline};
 use crate::error::{read_json, Error, Result};
 use crate::models::{
     AutoencoderKL, AutoencoderKLConfig, ClipTextConfig, ClipTextModel, FluxInputs,
-    FluxTransformer2DModel, FluxTransformerConfig, T5Config, T5EncoderModel, VaeMemory,
+    FluxTransformer2DModel, FluxTransformerConfig, T5Config, T5EncoderModel,
 };
 use crate::rng::TorchRng;
 use crate::schedulers::{flux_sigmas, FlowMatchConfig, FlowMatchEulerDiscrete, SchedulerConfig};
@@ -323,7 +321,9 @@ impl Flux {
         let final_latents = unpack(&latents, c, h, w)?;
         self.use_component("vae")?;
         let vae_memory = req.vae.plan(&self.vae, b, h, w)?;
-        let image = self.decode_to_image(&final_latents, &vae_memory)?;
+        let image = self
+            .base
+            .decode_to_image(&self.vae, &final_latents, &vae_memory)?;
         Ok(GenerateOutput {
             prompt_embeds,
             pooled_prompt_embeds: Some(pooled),
@@ -362,12 +362,6 @@ impl Flux {
             decode,
             image,
         ])
-    }
-
-    /// VAE-decodes unpacked latents into (B, H, W, 3) images in [0, 1].
-    pub fn decode_to_image(&self, latents: &Tensor, mem: &VaeMemory) -> Result<Tensor> {
-        let z = latents.to_device(&self.component_device("vae")?)?;
-        decode_to_image(&self.vae, &z, mem)
     }
 }
 

@@ -5,14 +5,12 @@ use std::path::Path;
 
 use candle_core::Tensor;
 
-use super::base::{
-    decode_to_image, denoise, vae_decode_needs, ComponentSpec, LoadOptions, PipelineBase,
-};
+use super::base::{denoise, vae_decode_needs, ComponentSpec, LoadOptions, PipelineBase};
 use super::{GenerateOutput, GenerateRequest, Pipeline};
 use crate::error::{read_json, Error, Result};
 use crate::models::{
     AutoencoderKL, AutoencoderKLConfig, ClipTextConfig, ClipTextModel, UNet2DConditionConfig,
-    UNet2DConditionModel, VaeMemory,
+    UNet2DConditionModel,
 };
 use crate::rng::TorchRng;
 use crate::schedulers::{self, SchedulerConfig, SchedulerKind};
@@ -284,7 +282,9 @@ impl StableDiffusion {
         self.use_component("vae")?;
         let (_, _, lh, lw) = latents.dims4()?;
         let vae_memory = req.vae.plan(&self.vae, b, lh, lw)?;
-        let image = self.decode_to_image(&latents, &vae_memory)?;
+        let image = self
+            .base
+            .decode_to_image(&self.vae, &latents, &vae_memory)?;
         Ok(GenerateOutput {
             prompt_embeds,
             pooled_prompt_embeds: None,
@@ -319,12 +319,6 @@ impl StableDiffusion {
             decode,
             image,
         ])
-    }
-
-    /// VAE-decodes scaled latents into (B, H, W, 3) images in [0, 1].
-    pub fn decode_to_image(&self, latents: &Tensor, mem: &VaeMemory) -> Result<Tensor> {
-        let z = latents.to_device(&self.component_device("vae")?)?;
-        decode_to_image(&self.vae, &z, mem)
     }
 }
 
