@@ -26,7 +26,9 @@
 #   1. `generate --device cuda --save-tensors` against the same run with `--device cpu`: every
 #      tensor (prompt embeddings, final latents, image or video) within GPU_CHECK_TOL;
 #   2. `--offload model|group|sequential` (and group without prefetch) on the GPU are
-#      bit-identical to `--offload none` on the GPU.
+#      bit-identical to `--offload none` on the GPU;
+# and the same for a few variants: VAE tiling (--tile-size 32) on SD 1.5 and Wan 2.1, weight
+# storage in bf16 (SD 2), f8e4m3 (FLUX dev) and f8e5m2 (Wan 2.1).
 # Exit status 0 only when every check passed. The summary table goes to stdout.
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -163,14 +165,25 @@ family_args() { # fixture dir -> generate arguments (without --device/--offload/
     esac
 }
 
+# Each fixture as is, then a few with low-precision weight storage (candle's bf16 and fp8 casts,
+# lowtide's e5m2 table) and VAE tiling, which take other code paths on the GPU.
+cases=()
+for dir in "$fixtures"/tiny-*; do
+    name=$(basename "$dir")
+    if family_args "$dir" >/dev/null; then cases+=("$name"); else say "skipping $name (unknown pipeline class)"; fi
+done
+for extra in "tiny-sd15 --tile-size 32" "tiny-sd2 --storage-dtype bf16" \
+    "tiny-flux-dev --storage-dtype f8e4m3" "tiny-wan21 --storage-dtype f8e5m2" "tiny-wan21 --tile-size 32"; do
+    [ -d "$fixtures/${extra%% *}" ] && cases+=("$extra")
+done
+
 fails=0
 rows=()
-run() { # name ref|dut offload [extra...] -> $work/name.{ref,dut}.offload[-np].{safetensors,json,log}
-    local name=$1 dev=$gpu off=$3 tag
-    [ "$2" = ref ] && dev=cpu
-    tag=$name.$2.$off${4:+-np}
-    shift 3
-    local args ext
+run() { # case-tag fixture ref|dut offload [flags...] -> $work/tag.{ref,dut}.offload.{safetensors,json,log}
+    local tag=$1.$3.$4 name=$2 dev=$gpu off=$4 args ext
+    [ "$3" = ref ] && dev=cpu
+    [ "$off" = group-np ] && off=group
+    shift 4
     args=$(family_args "$fixtures/$name") || return 2
     ext=${args##*OUT.}
     # shellcheck disable=SC2086 # the family's arguments are one word each
@@ -194,37 +207,39 @@ max_rel() { # the largest relative difference compare.py printed last
 }
 
 gpu=$device
-for dir in "$fixtures"/tiny-*; do
-    name=$(basename "$dir")
-    family_args "$dir" >/dev/null || { say "skipping $name (unknown pipeline class)"; continue; }
-    say "$name"
-    row="| $name |"
-    if ! run "$name" ref none; then
-        tail -n 5 "$work/$name.ref.none.log" >&2
+for c in "${cases[@]}"; do
+    read -r -a words <<< "$c"
+    name=${words[0]}
+    flags=("${words[@]:1}")
+    tag=$(echo "$c" | tr -c 'A-Za-z0-9\n-' '_')
+    say "$c"
+    row="| $c |"
+    if ! run "$tag" "$name" ref none "${flags[@]}"; then
+        tail -n 5 "$work/$tag.ref.none.log" >&2
         rows+=("$row CPU run failed | | | | |"); fails=$((fails + 1)); continue
     fi
-    if ! run "$name" dut none; then
-        tail -n 5 "$work/$name.dut.none.log" >&2
-        grep -qi "ptx" "$work/$name.dut.none.log" &&
+    if ! run "$tag" "$name" dut none "${flags[@]}"; then
+        tail -n 5 "$work/$tag.dut.none.log" >&2
+        grep -qi "ptx" "$work/$tag.dut.none.log" &&
             say "a PTX error means the driver is older than the toolkit the binary was built with: rebuild with CUDA_TOOLKIT_VERSION matching the driver's CUDA version"
         rows+=("$row GPU run failed | | | | |"); fails=$((fails + 1)); continue
     fi
-    echo "== $name: $gpu vs cpu" >> "$work/compare.log"
-    compare "$work/$name.ref.none.safetensors" "$work/$name.dut.none.safetensors" "$tol"
+    echo "== $c: $gpu vs cpu" >> "$work/compare.log"
+    compare "$work/$tag.ref.none.safetensors" "$work/$tag.dut.none.safetensors" "$tol"
     case $? in
         0) row="$row ok ($(max_rel)) |" ;;
         3) row="$row skipped (no python3) |" ;;
         *) row="$row FAIL ($(max_rel)) |"; fails=$((fails + 1)) ;;
     esac
     for off in model group sequential group-np; do
-        extra=()
-        [ $off = group-np ] && extra=(--no-prefetch)
-        if ! run "$name" dut "${off%-np}" "${extra[@]}"; then
-            tail -n 5 "$work/$name.dut.$off.log" >&2
+        extra=("${flags[@]}")
+        [ $off = group-np ] && extra+=(--no-prefetch)
+        if ! run "$tag" "$name" dut $off "${extra[@]}"; then
+            tail -n 5 "$work/$tag.dut.$off.log" >&2
             row="$row run failed |"; fails=$((fails + 1)); continue
         fi
-        echo "== $name: $gpu $off vs none" >> "$work/compare.log"
-        if compare "$work/$name.dut.none.safetensors" "$work/$name.dut.$off.safetensors" 0; then
+        echo "== $c: $gpu $off vs none" >> "$work/compare.log"
+        if compare "$work/$tag.dut.none.safetensors" "$work/$tag.dut.$off.safetensors" 0; then
             row="$row identical |"
         else
             row="$row DIFFERENT |"; fails=$((fails + 1))
@@ -236,7 +251,7 @@ done
 echo
 echo "lowtide $("$bin" --version 2>/dev/null | awk '{print $2}') on $gpu; GPU vs CPU: max|gpu - cpu| / max|cpu| over the saved tensors (tolerance $tol); offload vs none on $gpu: bit-identity"
 echo
-echo "| pipeline | $gpu vs cpu | model | group | sequential | group, no prefetch |"
+echo "| pipeline, flags | $gpu vs cpu | model | group | sequential | group, no prefetch |"
 echo "|---|---|---|---|---|---|"
 printf '%s\n' "${rows[@]}"
 [ -n "$keep" ] && echo && echo "outputs, logs and compare.log in $work"
