@@ -271,8 +271,8 @@ if [ -n "$medium" ]; then
     echo
     echo "Offload on $(basename "$medium") ($size x $size, $steps steps, f32, $gpu):"
     echo
-    echo "| strategy | wall s (--report) | vs none | process wall s | peak device MiB (nvidia-smi, above idle) | peak resident weights MiB (--report) | % of none's | peak host RSS MiB |"
-    echo "|---|---|---|---|---|---|---|---|"
+    echo "| strategy | wall s (--report) | vs none | process wall s | peak device MiB (nvidia-smi, above idle) | peak of the device's memory pool MiB (--report) | peak resident weights MiB (--report) | % of none's | peak host RSS MiB |"
+    echo "|---|---|---|---|---|---|---|---|---|"
     json_num() { sed -n "s/.*\"$1\": *\([0-9.e+-]*\).*/\1/p" "$2" | head -n1; }
     base_wall=
     base_res=
@@ -309,7 +309,7 @@ if [ -n "$medium" ]; then
         proc_wall=$(awk "BEGIN {printf \"%.1f\", ($(date +%s%N) - $start) / 1e9}")
         if [ $status != 0 ]; then
             tail -n 5 "$work/$tag.log" >&2
-            echo "| $s | failed (exit $status) | | | | | | |"; fails=$((fails + 1)); continue
+            echo "| $s | failed (exit $status) | | | | | | | |"; fails=$((fails + 1)); continue
         fi
         wall=$(json_num wall_seconds "$work/$tag.json")
         res=$(json_num peak_resident_bytes "$work/$tag.json")
@@ -317,11 +317,15 @@ if [ -n "$medium" ]; then
         [ -n "$timer" ] && rss=$(awk '/Maximum resident set size/ {printf "%.0f", $NF / 1024}' "$work/$tag.time")
         dev_mib=n/a
         [ $smi = 1 ] && dev_mib=$((peak - idle))
+        # The pool's high-water mark (tensors' bytes), where the report has lowtide::device's
+        # device_memory.
+        pool=$(json_num pool_peak_used_bytes "$work/$tag.json")
+        pool=${pool:+$(awk "BEGIN {printf \"%.0f\", $pool / 1048576}")}
         : "${base_wall:=$wall}" "${base_res:=$res}"
-        awk -v s="$s" -v w="$wall" -v bw="$base_wall" -v pw="$proc_wall" -v d="$dev_mib" -v r="$res" \
-            -v br="$base_res" -v rss="$rss" 'BEGIN {
-            printf "| %s | %.2f | %.2fx | %s | %s | %.1f | %.0f %% | %s |\n", s, w, w / bw, pw, d,
-                r / 1048576, (br > 0 ? 100 * r / br : 0), rss }'
+        awk -v s="$s" -v w="$wall" -v bw="$base_wall" -v pw="$proc_wall" -v d="$dev_mib" \
+            -v p="${pool:-n/a}" -v r="$res" -v br="$base_res" -v rss="$rss" 'BEGIN {
+            printf "| %s | %.2f | %.2fx | %s | %s | %s | %.1f | %.0f %% | %s |\n", s, w, w / bw, pw, d,
+                p, r / 1048576, (br > 0 ? 100 * r / br : 0), rss }'
     done
     echo
     echo "targets (issue 13): model <= 1.10x, group with prefetch <= 1.05x at <= 15 % of the weights resident, sequential <= 1.5x"
