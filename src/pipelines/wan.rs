@@ -313,7 +313,7 @@ impl Wan {
             .boundary_ratio
             .map(|r| r * self.scheduler_config.num_train_timesteps.unwrap_or(1000) as f64);
         let seq = t * (h / ph) * (w / pw);
-        let latents = denoise(
+        let (latents, step_seconds) = denoise(
             sched.as_mut(),
             &timesteps,
             latents,
@@ -352,6 +352,7 @@ impl Wan {
         self.use_component("vae")?;
         let video = self.decode_to_video(&latents, &vae_memory)?;
         Ok(GenerateOutput {
+            step_seconds,
             prompt_embeds,
             pooled_prompt_embeds: None,
             final_latents: latents,
