@@ -21,13 +21,13 @@ use lowtide::residency::{DeviceMap, StoragePlan, Strategy};
 use lowtide::validate::{arg_f32, output_path};
 
 use lowtide::schedulers::SchedulerKind;
-use lowtide::weights::mapped::MappedAlloc;
 
 const MIB: f64 = 1024.0 * 1024.0;
 
-/// Large weights are backed by the checkpoint's pages instead of copies (see `weights::mapped`).
+/// mimalloc, and large weights backed by the checkpoint's pages instead of copies (see
+/// `lowtide::alloc` and `weights::mapped`).
 #[global_allocator]
-static ALLOC: MappedAlloc = MappedAlloc(std::alloc::System);
+static ALLOC: lowtide::alloc::LowtideAlloc = lowtide::alloc::lowtide_alloc();
 
 #[derive(Parser)]
 #[command(
