@@ -56,6 +56,18 @@ pub fn attention_flash(
     mask: Option<&Tensor>,
     scale: f64,
 ) -> Result<Tensor> {
+    flash_with(Isa::detect(), q, k, v, mask, scale)
+}
+
+/// [`attention_flash`] with its softmax compiled for `isa` (tests run every variant).
+fn flash_with(
+    isa: Isa,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    scale: f64,
+) -> Result<Tensor> {
     let rank = q.rank();
     if rank < 2 || k.rank() != rank || v.rank() != rank {
         return Err(Error::InvalidArgument(format!(
@@ -101,6 +113,7 @@ pub fn attention_flash(
         d,
         dv,
         scale: scale as f32,
+        isa,
     };
     let out = with_cpu_f32(&q, |qs| {
         with_cpu_f32(&k, |ks| {
@@ -120,7 +133,8 @@ pub fn attention_flash(
     Ok(Tensor::from_vec(out, out_dims, &Device::Cpu)?.to_dtype(dtype)?)
 }
 
-/// Sizes of one call: `bh` (batch·heads) independent problems of `lq` queries and `lk` keys.
+/// One call: `bh` (batch·heads) independent problems of `lq` queries and `lk` keys, the score
+/// scale and the softmax's instruction set.
 struct Dims {
     bh: usize,
     lq: usize,
@@ -128,6 +142,7 @@ struct Dims {
     d: usize,
     dv: usize,
     scale: f32,
+    isa: Isa,
 }
 
 /// Where a mask broadcast to (lead…, lq, lk) keeps element (i, r, c) of problem i: at
@@ -208,13 +223,13 @@ fn flash(
         d,
         dv,
         scale,
+        isa,
     } = dims;
     let mut out = vec![0f32; bh * lq * dv];
     if lk == 0 || lq == 0 || dv == 0 {
         // No keys: the product with an empty V is zero, as the composed path gives.
         return out;
     }
-    let isa = Isa::detect();
     // One task per (problem, query tile), each owning its rows of the output.
     let mut tasks = Vec::with_capacity(bh * lq.div_ceil(TILE_Q));
     let mut rest = out.as_mut_slice();
@@ -672,23 +687,23 @@ mod tests {
             .unwrap()
     }
 
-    /// `max|flash − chunked| ≤ tol · max|chunked|`.
+    /// `max|flash − chunked| ≤ tol · max|chunked|`, for the softmax of every ISA the CPU has.
     fn check(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, scale: f64, tol: f32) {
         let want = attention_chunked(q, k, v, mask, scale).unwrap();
-        let got = attention_flash(q, k, v, mask, scale).unwrap();
-        assert_eq!(got.dims(), want.dims());
-        let (got, want) = (
-            got.to_dtype(DType::F32).unwrap(),
-            want.to_dtype(DType::F32).unwrap(),
-        );
-        let (err, mag) = (max_abs_diff(&got, &want), max_abs(&want));
-        assert!(
-            err <= tol * mag,
-            "q {:?} k {:?} mask {:?}: max error {err} vs max value {mag}",
-            q.dims(),
-            k.dims(),
-            mask.map(Tensor::dims)
-        );
+        let want = want.to_dtype(DType::F32).unwrap();
+        for isa in Isa::available() {
+            let got = flash_with(isa, q, k, v, mask, scale).unwrap();
+            assert_eq!(got.dims(), want.dims());
+            let got = got.to_dtype(DType::F32).unwrap();
+            let (err, mag) = (max_abs_diff(&got, &want), max_abs(&want));
+            assert!(
+                err <= tol * mag,
+                "{isa:?}: q {:?} k {:?} mask {:?}: max error {err} vs max value {mag}",
+                q.dims(),
+                k.dims(),
+                mask.map(Tensor::dims)
+            );
+        }
     }
 
     #[test]
