@@ -435,6 +435,7 @@ impl Isa {
     /// Every variant this CPU can run (tests compare them).
     #[cfg(test)]
     fn available() -> Vec<Self> {
+        #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
         let mut all = vec![Isa::Baseline];
         #[cfg(target_arch = "x86_64")]
         {
