@@ -4,6 +4,7 @@
 //! ([`residency`]) → layers and models ([`layers`], [`models`]) → [`schedulers`] and
 //! [`pipelines`] → images ([`io`]).
 
+pub mod alloc;
 pub mod device;
 pub mod error;
 pub mod io;

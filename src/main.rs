@@ -20,8 +20,14 @@ use lowtide::residency::device_map::{parse_bytes, parse_max_memory};
 use lowtide::residency::{DeviceMap, StoragePlan, Strategy};
 use lowtide::validate::{arg_f32, output_path};
 
-const MIB: f64 = 1024.0 * 1024.0;
 use lowtide::schedulers::SchedulerKind;
+
+const MIB: f64 = 1024.0 * 1024.0;
+
+/// mimalloc, and large weights backed by the checkpoint's pages instead of copies (see
+/// `lowtide::alloc` and `weights::mapped`).
+#[global_allocator]
+static ALLOC: lowtide::alloc::LowtideAlloc = lowtide::alloc::lowtide_alloc();
 
 #[derive(Parser)]
 #[command(
@@ -310,6 +316,7 @@ impl MemoryArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    lowtide::weights::mapped::explain_bus_errors();
     let result = match cli.command {
         Command::Generate(args) => generate(*args),
         Command::Vae { command } => vae(*command),
@@ -502,6 +509,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
             v["blocks_per_group"] = blocks_per_group.into();
             v["prefetch"] = prefetch.into();
         }
+        v["step_seconds"] = serde_json::to_value(&out.step_seconds)?;
         v["device"] = format!("{:?}", pipe.base().options.device).into();
         v["dtype"] = format!("{:?}", pipe.base().options.dtype).into();
         v["device_map"] = match pipe.base().device_map() {

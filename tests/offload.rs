@@ -15,6 +15,12 @@ use lowtide::pipelines::{
 use lowtide::residency::{DeviceMap, Strategy};
 use lowtide::schedulers::SchedulerKind;
 
+// Weights mapped from the checkpoint as in the CLI, down to the tiny fixtures' small tensors: every
+// test here also checks that mapped weights give the same results and give memory back.
+#[global_allocator]
+static ALLOC: lowtide::weights::mapped::MappedAlloc =
+    lowtide::weights::mapped::MappedAlloc(std::alloc::System);
+
 fn request(name: &str) -> GenerateRequest {
     let m = meta(name);
     GenerateRequest {
@@ -32,6 +38,7 @@ fn request(name: &str) -> GenerateRequest {
 }
 
 fn load(name: &str) -> StableDiffusion {
+    lowtide::weights::mapped::lower_threshold(0);
     StableDiffusion::load(&model(name), LoadOptions::default()).unwrap()
 }
 
@@ -356,6 +363,7 @@ fn bad_offload_settings() {
 
 #[test]
 fn weights_truncated_between_load_and_use_are_an_error_not_a_wrong_image() {
+    lowtide::weights::mapped::lower_threshold(0);
     let tmp = tempfile::tempdir().unwrap();
     let dst = tmp.path().join("p");
     copy_dir(&model("tiny-sd15"), &dst);
@@ -383,6 +391,7 @@ fn weights_truncated_between_load_and_use_are_an_error_not_a_wrong_image() {
 fn weight_file_deleted_after_load_still_gives_the_same_image() {
     // The store keeps its files open: a checkpoint removed (or replaced) on disk after loading
     // is still read from the version that was opened, never a mix.
+    lowtide::weights::mapped::lower_threshold(0);
     let tmp = tempfile::tempdir().unwrap();
     let dst = tmp.path().join("p");
     copy_dir(&model("tiny-sd15"), &dst);

@@ -410,9 +410,11 @@ pub fn denoise(
     rng: &mut TorchRng,
     on_step: &mut dyn FnMut(usize, usize),
     mut model: impl FnMut(&Tensor, f64, &mut dyn Scheduler) -> Result<Tensor>,
-) -> Result<Tensor> {
+) -> Result<(Tensor, Vec<f64>)> {
     let total = timesteps.len();
+    let mut seconds = Vec::with_capacity(total);
     for (i, &t) in timesteps.iter().enumerate() {
+        let t0 = std::time::Instant::now();
         let pred = model(&latents, t, sched)?;
         latents = sched.step(&pred, t, &latents, rng)?;
         crate::validate::finite(&latents, || {
@@ -422,9 +424,10 @@ pub fn denoise(
                 i + 1
             )
         })?;
+        seconds.push(t0.elapsed().as_secs_f64());
         on_step(i + 1, total);
     }
-    Ok(latents)
+    Ok((latents, seconds))
 }
 
 impl PipelineBase {

@@ -287,7 +287,7 @@ impl Flux {
         let timesteps = crate::schedulers::Scheduler::timesteps(&sched).to_vec();
 
         self.use_component("transformer")?;
-        let latents = denoise(
+        let (latents, step_seconds) = denoise(
             &mut sched,
             &timesteps,
             latents,
@@ -325,6 +325,7 @@ impl Flux {
             .base
             .decode_to_image(&self.vae, &final_latents, &vae_memory)?;
         Ok(GenerateOutput {
+            step_seconds,
             prompt_embeds,
             pooled_prompt_embeds: Some(pooled),
             final_latents,

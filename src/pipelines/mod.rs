@@ -115,6 +115,9 @@ pub struct GenerateOutput {
     pub vae_memory: VaeMemory,
     /// What `--memory-budget` chose for the VAE, to tell the user; `None` when nothing changed.
     pub vae_note: Option<String>,
+    /// Wall seconds of each denoising step (the denoiser call(s), waits for weights included,
+    /// and the scheduler step).
+    pub step_seconds: Vec<f64>,
 }
 
 impl GenerateOutput {

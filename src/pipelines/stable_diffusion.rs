@@ -255,7 +255,7 @@ impl StableDiffusion {
         };
 
         self.use_component("unet")?;
-        let latents = denoise(
+        let (latents, step_seconds) = denoise(
             sched.as_mut(),
             &timesteps,
             latents,
@@ -286,6 +286,7 @@ impl StableDiffusion {
             .base
             .decode_to_image(&self.vae, &latents, &vae_memory)?;
         Ok(GenerateOutput {
+            step_seconds,
             prompt_embeds,
             pooled_prompt_embeds: None,
             final_latents: latents,

@@ -8,7 +8,6 @@ use candle_core::{DType, Tensor};
 use super::base::{denoise, ComponentSpec, LoadOptions, PipelineBase};
 use super::{GenerateOutput, GenerateRequest, Pipeline};
 use crate::error::{read_json, Error, Result};
-use crate::models::t5::wan_prompt_embeds;
 use crate::models::{
     AutoencoderKLWan, AutoencoderKLWanConfig, T5Config, T5EncoderModel, WanInputs,
     WanTransformer3DModel, WanTransformerConfig, WanVaeOptions,
@@ -182,13 +181,23 @@ impl Wan {
             );
         }
         let dev = self.component_device("text_encoder")?;
-        let mask: Vec<u32> = (0..max_len).map(|i| u32::from(i < enc.len)).collect();
-        let mask = Tensor::from_vec(mask, (1, max_len), &dev)?;
-        let ids = Tensor::from_vec(enc.ids, (1, max_len), &dev)?;
+        // UMT5 masks the padding out of every attention, so the real tokens' states do not depend
+        // on it: encoding only those tokens gives the rows diffusers keeps (it encodes all
+        // `max_len` and then zeroes the rest), at a fraction of the cost for short prompts.
+        let n = enc.len.clamp(1, max_len);
+        let ids = Tensor::from_vec(enc.ids[..n].to_vec(), (1, n), &dev)?;
+        let mask = Tensor::ones((1, n), DType::U32, &dev)?;
         let hidden = self
             .text_encoder
             .forward_masked(&ids, &mask, self.options.dtype)?;
-        Ok(wan_prompt_embeds(&hidden, &mask)?.to_device(&self.component_device("transformer")?)?)
+        let hidden = if n < max_len {
+            let d = hidden.dim(2)?;
+            let pad = Tensor::zeros((1, max_len - n, d), hidden.dtype(), hidden.device())?;
+            Tensor::cat(&[hidden, pad], 1)?
+        } else {
+            hidden
+        };
+        Ok(hidden.to_device(&self.component_device("transformer")?)?)
     }
 
     fn run(
@@ -313,7 +322,7 @@ impl Wan {
             .boundary_ratio
             .map(|r| r * self.scheduler_config.num_train_timesteps.unwrap_or(1000) as f64);
         let seq = t * (h / ph) * (w / pw);
-        let latents = denoise(
+        let (latents, step_seconds) = denoise(
             sched.as_mut(),
             &timesteps,
             latents,
@@ -352,6 +361,7 @@ impl Wan {
         self.use_component("vae")?;
         let video = self.decode_to_video(&latents, &vae_memory)?;
         Ok(GenerateOutput {
+            step_seconds,
             prompt_embeds,
             pooled_prompt_embeds: None,
             final_latents: latents,

@@ -2,11 +2,13 @@
 //!
 //! A component's checkpoint (single file, sharded, or an `fp16` variant) becomes one
 //! [`WeightStore`]: an index from tensor name to a byte range in a safetensors file. Headers are
-//! parsed through a memory map once; tensor data is read per tensor, on demand, with positioned
-//! reads. Reading (rather than touching the mapped pages) keeps two promises: a file truncated
-//! after it was opened is a clean error instead of a SIGBUS, and bytes dropped by the residency
-//! manager really leave the process (mapped pages that were read stay in RSS while mapped).
+//! parsed through a memory map once; tensor data is loaded per tensor, on demand. A large tensor
+//! whose stored dtype is the one wanted is backed by its own private mapping of the file
+//! ([`mapped`]: no copy, pages shared with the page cache, unmapped when the tensor is dropped so
+//! offloaded bytes really leave the process); everything else is read with positioned reads. A
+//! file truncated before a tensor is loaded is a clean error either way.
 
+pub mod mapped;
 mod store;
 
 pub use store::{checkpoint_files, has_checkpoint, StoredTensor, WeightStore};

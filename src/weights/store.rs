@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use safetensors::tensor::{Dtype as StDtype, SafeTensors};
 
+use super::mapped;
 use crate::error::{read_json, Error, Result};
 
 /// One tensor's place in a checkpoint.
@@ -35,6 +36,12 @@ pub struct WeightStore {
 #[derive(serde::Deserialize)]
 struct ShardIndex {
     weight_map: BTreeMap<String, String>,
+}
+
+/// `LOWTIDE_MMAP=0` reads every tensor into memory instead of mapping it (for comparisons).
+fn mapping_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("LOWTIDE_MMAP").map_or(true, |v| v != "0"))
 }
 
 /// A zeroed `Vec<T>` of `n` elements filled by `read` from little-endian bytes.
@@ -321,21 +328,21 @@ impl WeightStore {
             })
         };
         let n: usize = t.shape.iter().product();
-        // Read straight into the tensor's own buffer (zeroed allocations of this size come from
-        // fresh pages, so there is no extra copy or memset).
+        // Large tensors are backed by the file's pages (no copy); the rest are read straight into
+        // the tensor's own buffer (zeroed allocations of this size come from fresh pages).
         let tensor = match t.dtype {
             DType::F32 => Tensor::from_vec(
-                read_typed::<f32>(n, &read)?,
+                self.mapped_or_read::<f32>(t, n, &read)?,
                 t.shape.as_slice(),
                 &Device::Cpu,
             )?,
             DType::F16 => Tensor::from_vec(
-                read_typed::<half::f16>(n, &read)?,
+                self.mapped_or_read::<half::f16>(t, n, &read)?,
                 t.shape.as_slice(),
                 &Device::Cpu,
             )?,
             DType::BF16 => Tensor::from_vec(
-                read_typed::<half::bf16>(n, &read)?,
+                self.mapped_or_read::<half::bf16>(t, n, &read)?,
                 t.shape.as_slice(),
                 &Device::Cpu,
             )?,
@@ -351,6 +358,34 @@ impl WeightStore {
             tensor.to_dtype(dtype)?
         };
         Ok(tensor.to_device(device)?)
+    }
+
+    /// The tensor's elements, mapped from the file when [`mapped::map_vec`] can, else read.
+    fn mapped_or_read<T: Copy + Default>(
+        &self,
+        t: &StoredTensor,
+        n: usize,
+        read: &dyn Fn(&mut [u8]) -> Result<()>,
+    ) -> Result<Vec<T>> {
+        let (path, file, _) = &self.files[t.file];
+        // A page past the end of the file would fault: map only while the file still holds the
+        // whole tensor (populating the pages then checks it again).
+        let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+        if mapping_enabled() && len >= t.end {
+            match mapped::map_vec::<T>(file, t.start, n) {
+                Ok(v) => return Ok(v),
+                Err(mapped::MapError::Truncated) => {
+                    return Err(Error::CorruptSafetensors {
+                        path: path.clone(),
+                        reason: "a tensor ends past the end of the file (truncated after it was \
+                                 opened?)"
+                            .into(),
+                    })
+                }
+                Err(mapped::MapError::Unsuitable) => {}
+            }
+        }
+        read_typed::<T>(n, read)
     }
 
     /// Re-checks that no file shrank since it was opened (a replaced or truncated checkpoint).

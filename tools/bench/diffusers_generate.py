@@ -2,9 +2,13 @@
 RSS under `/usr/bin/time -v`.
 
     /usr/bin/time -v python tools/bench/diffusers_generate.py MODEL_DIR --width 256 --height 256 --steps 4
+
+Prints `METRIC load_s` (from_pretrained) and `METRIC step_s` (median UNet call) for side_by_side.py.
 """
 
 import argparse
+import statistics
+import time
 
 import torch
 from diffusers import StableDiffusionPipeline
@@ -22,7 +26,13 @@ def main():
     ap.add_argument("--scheduler", default=None, help="euler for EulerDiscreteScheduler")
     ap.add_argument("--offload", default="none", choices=["none", "model", "sequential", "group"])
     a = ap.parse_args()
+    t0 = time.perf_counter()
     pipe = StableDiffusionPipeline.from_pretrained(a.model, torch_dtype=torch.float32, safety_checker=None)
+    print(f"METRIC load_s {time.perf_counter() - t0}")
+    # One UNet call's wall time (what lowtide's --report gives per denoising step).
+    calls, start = [], []
+    pipe.unet.register_forward_pre_hook(lambda *_: start.append(time.perf_counter()))
+    pipe.unet.register_forward_hook(lambda *_: calls.append(time.perf_counter() - start[-1]))
     if a.scheduler == "euler":
         from diffusers import EulerDiscreteScheduler
 
@@ -40,6 +50,7 @@ def main():
     with torch.no_grad():
         img = pipe(a.prompt, num_inference_steps=a.steps, width=a.width, height=a.height, generator=g).images[0]
     img.save(a.out)
+    print(f"METRIC step_s {statistics.median(calls)}")
 
 
 if __name__ == "__main__":
