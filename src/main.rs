@@ -511,6 +511,10 @@ fn generate(args: GenerateArgs) -> Result<()> {
         }
         v["step_seconds"] = serde_json::to_value(&out.step_seconds)?;
         v["device"] = format!("{:?}", pipe.base().options.device).into();
+        // CUDA: free/total device memory and the peak of the pool candle allocates from.
+        if let Some(m) = lowtide::device::device_memory(&pipe.base().options.device) {
+            v["device_memory"] = serde_json::to_value(m)?;
+        }
         v["dtype"] = format!("{:?}", pipe.base().options.dtype).into();
         v["device_map"] = match pipe.base().device_map() {
             Some(m) => serde_json::to_value(&m.placement)?,

@@ -72,6 +72,10 @@ fn load_all(
     for (s, h) in specs {
         out.insert(s.name.clone(), load_held(store, s, *h, device)?);
     }
+    // On CUDA the copies run on this thread's stream (candle uses per-thread default streams),
+    // which nothing orders before the compute thread's: wait for them here, so a prefetched
+    // group is complete when handed over and the transfer time is honest. A no-op on the CPU.
+    device.synchronize()?;
     Ok((out, t0.elapsed().as_secs_f64()))
 }
 
