@@ -660,7 +660,7 @@ fn attention_chunk(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::layers::max_abs_diff;
+    use crate::layers::{max_abs, max_abs_diff};
 
     fn randn(shape: &[usize], std: f32, seed: u64) -> Tensor {
         // Deterministic values without a global RNG: a hash of (seed, index) to [-1, 1) then
@@ -675,17 +675,6 @@ mod tests {
         };
         let data: Vec<f32> = (0..n).map(|_| (next() + next() + next()) * std).collect();
         Tensor::from_vec(data, shape, &Device::Cpu).unwrap()
-    }
-
-    fn max_abs(t: &Tensor) -> f32 {
-        t.abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap()
     }
 
     /// `max|flash − chunked| ≤ tol · max|chunked|`, for the softmax of every ISA the CPU has.

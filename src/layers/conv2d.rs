@@ -352,18 +352,8 @@ fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::layers::max_abs;
     use crate::rng::TorchRng;
-
-    fn max_abs(t: &Tensor) -> f32 {
-        t.abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    }
 
     /// candle's conv2d on an explicitly padded input: the reference.
     fn reference(x: &Tensor, w: &Tensor, b: &Tensor, spec: &ConvSpec) -> Tensor {

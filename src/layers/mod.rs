@@ -331,15 +331,15 @@ impl Activation {
 /// The largest absolute difference between two tensors of the same shape (kernel tests).
 #[cfg(test)]
 pub(crate) fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .and_then(|d| {
-            d.abs()?
-                .flatten_all()?
-                .max(0)?
-                .to_dtype(DType::F32)?
-                .to_scalar()
-        })
-        .expect("tensors of one shape")
+    max_abs(&(a - b).expect("tensors of one shape"))
+}
+
+/// The largest magnitude in a tensor, as f32 (kernel tests).
+#[cfg(test)]
+pub(crate) fn max_abs(t: &Tensor) -> f32 {
+    t.abs()
+        .and_then(|d| d.flatten_all()?.max(0)?.to_dtype(DType::F32)?.to_scalar())
+        .expect("a non-empty tensor")
 }
 
 #[cfg(test)]
