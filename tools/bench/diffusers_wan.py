@@ -46,15 +46,8 @@ def main():
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--offload", default="none", choices=["none", "model", "sequential", "group"])
     a = ap.parse_args()
-    torch.set_num_threads(torch.get_num_threads())
     device = torch.device(a.device)
     dtypes = {"text_encoder": torch.bfloat16, "default": torch.float32}
-
-    def load():
-        t0 = time.perf_counter()
-        pipe = WanPipeline.from_pretrained(a.model, torch_dtype=dtypes)
-        print(f"load: {time.perf_counter() - t0:.2f} s")
-        return pipe
 
     def generate(pipe):
         g = torch.Generator("cpu").manual_seed(a.seed)
@@ -65,7 +58,9 @@ def main():
         print(f"generate: {time.perf_counter() - t0:.2f} s ({a.steps} steps, {a.width}x{a.height}x{a.frames}, "
               f"{device}, offload={a.offload})")
 
-    pipe = load()
+    t0 = time.perf_counter()
+    pipe = WanPipeline.from_pretrained(a.model, torch_dtype=dtypes)
+    print(f"load: {time.perf_counter() - t0:.2f} s")
     if a.offload == "none":
         generate(pipe.to(device))
     else:
