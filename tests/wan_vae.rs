@@ -525,7 +525,7 @@ fn decode_memory_is_flat_in_frames() {
         let mem = WanVaeMemory::default();
         // Warm-up: weights load on first use and stay (no offload).
         vae.decode(&z(2)).unwrap();
-        let stream = |z: &Tensor| {
+        let stream_once = |z: &Tensor| {
             let mut frames = 0;
             let (_, peak) = heap_peak_of(|| {
                 vae.decode_frames(z, &mem, &mut |_, _, f| {
@@ -536,6 +536,13 @@ fn decode_memory_is_flat_in_frames() {
                 .unwrap()
             });
             (frames, peak)
+        };
+        // The lower of two runs: a first run on a worker thread can allocate that thread's
+        // lasting scratch (seen once in CI: +2 MiB at 5 frames), which is not per-frame memory.
+        let stream = |z: &Tensor| {
+            let (n, a) = stream_once(z);
+            let (_, b) = stream_once(z);
+            (n, a.min(b))
         };
         let (n5, p5) = stream(&z5);
         let (n21, p21) = stream(&z21);
