@@ -18,7 +18,7 @@ use super::with_cpu_f32;
 use crate::error::{Error, Result};
 
 /// Scratch budget per chunk (input phases + output rows).
-const CHUNK_BYTES: usize = 24 << 20;
+pub(super) const CHUNK_BYTES: usize = 24 << 20;
 
 /// Output pixels per task when a chunk is split across threads.
 const PIXEL_BLOCK: usize = 1024;
@@ -163,6 +163,70 @@ pub fn conv2d_ext(
     Ok(Tensor::from_vec(out, (n, c_out, h_out, w_out), x.device())?)
 }
 
+/// Fills one zero-initialised plane of `rows` rows of `width` columns with input channel `ci` of
+/// `x_b` (stored `h0 × w0`), transformed by the prologue (coefficients at index `coef`), as
+/// the stride phase `(ry, rx)` of the padded input: row `rr`, column `j` hold the padded input
+/// pixel `(s·(y0 + rr) + ry, s·j + rx)`. Padding stays zero.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn fill_plane(
+    dst: &mut [f32],
+    width: usize,
+    rows: usize,
+    x_b: &[f32],
+    ci: usize,
+    (h0, w0): (usize, usize),
+    pro: &Prologue,
+    coef: usize,
+    pad: Padding,
+    s: usize,
+    (ry, rx): (usize, usize),
+    y0: usize,
+) {
+    let u = pro.upsample.max(1);
+    let (h, wd) = (h0 * u, w0 * u);
+    let (a, b) = match &pro.affine {
+        Some((a, b)) => (a[coef], b[coef]),
+        None => (1.0, 0.0),
+    };
+    // Columns whose input column lies inside the image.
+    let col = |j: usize| (s * j + rx) as isize - pad.left as isize;
+    let j0 = (0..width).find(|&j| col(j) >= 0).unwrap_or(width);
+    let j1 = (j0..width)
+        .find(|&j| col(j) >= wd as isize)
+        .unwrap_or(width);
+    for rr in 0..rows {
+        let iy = (s * (y0 + rr) + ry) as isize - pad.top as isize;
+        if iy < 0 || iy >= h as isize || j0 >= j1 {
+            continue;
+        }
+        let src = &x_b[ci * h0 * w0 + (iy as usize / u) * w0..][..w0];
+        let row = &mut dst[rr * width + j0..rr * width + j1];
+        let ix0 = col(j0) as usize;
+        // Gather, then transform in place: separate passes vectorise.
+        if u == 1 && s == 1 {
+            row.copy_from_slice(&src[ix0..ix0 + row.len()]);
+        } else if u == 1 {
+            for (o, &v) in row.iter_mut().zip(src[ix0..].iter().step_by(s)) {
+                *o = v;
+            }
+        } else {
+            for (j, o) in row.iter_mut().enumerate() {
+                *o = src[(ix0 + s * j) / u];
+            }
+        }
+        if pro.affine.is_some() {
+            for o in row.iter_mut() {
+                *o = *o * a + b;
+            }
+        }
+        if pro.silu {
+            for o in row.iter_mut() {
+                *o /= 1.0 + (-*o).exp();
+            }
+        }
+    }
+}
+
 /// The convolution itself, on validated sizes: `x_dims` is the stored input (n, c_in, h, w),
 /// `w_dims` the weight's (c_out, k).
 #[allow(clippy::too_many_arguments)]
@@ -198,6 +262,12 @@ fn run(
     };
 
     let mut out = vec![0f32; n * c_out * h_out * w_out];
+    if super::winograd::takes(k, s, groups, h_out, w_out) {
+        let x_dims = (n, c_in, h0, w0);
+        #[rustfmt::skip]
+        super::winograd::run(xs, ws, bias, residual, &mut out, pro, pad, x_dims, c_out, (h_out, w_out), super::winograd::BUDGET);
+        return Ok(out);
+    }
     let mut inp = Vec::<f32>::new();
     let mut acc = Vec::<f32>::new();
     for bi in 0..n {
@@ -218,46 +288,9 @@ fn run(
                 .enumerate()
                 .for_each(|(plane, dst)| {
                     let (phase, ci) = (plane / c_in, plane % c_in);
-                    let (ry, rx) = (phase / s, phase % s);
-                    let (a, b) = match &pro.affine {
-                        Some((a, b)) => (a[bi * c_in + ci], b[bi * c_in + ci]),
-                        None => (1.0, 0.0),
-                    };
-                    // Phase columns whose input column lies inside the image.
-                    let col = |j: usize| (s * j + rx) as isize - pad.left as isize;
-                    let j0 = (0..wq).find(|&j| col(j) >= 0).unwrap_or(wq);
-                    let j1 = (j0..wq).find(|&j| col(j) >= wd as isize).unwrap_or(wq);
-                    for rr in 0..in_rows {
-                        let iy = (s * (oy0 + rr) + ry) as isize - pad.top as isize;
-                        if iy < 0 || iy >= h as isize || j0 >= j1 {
-                            continue;
-                        }
-                        let src = &x_b[ci * h0 * w0 + (iy as usize / u) * w0..][..w0];
-                        let row = &mut dst[rr * wq + j0..rr * wq + j1];
-                        let ix0 = col(j0) as usize;
-                        // Gather, then transform in place: separate passes vectorise.
-                        if u == 1 && s == 1 {
-                            row.copy_from_slice(&src[ix0..ix0 + row.len()]);
-                        } else if u == 1 {
-                            for (o, &v) in row.iter_mut().zip(src[ix0..].iter().step_by(s)) {
-                                *o = v;
-                            }
-                        } else {
-                            for (j, o) in row.iter_mut().enumerate() {
-                                *o = src[(ix0 + s * j) / u];
-                            }
-                        }
-                        if pro.affine.is_some() {
-                            for o in row.iter_mut() {
-                                *o = *o * a + b;
-                            }
-                        }
-                        if pro.silu {
-                            for o in row.iter_mut() {
-                                *o /= 1.0 + (-*o).exp();
-                            }
-                        }
-                    }
+                    let ph = (phase / s, phase % s);
+                    #[rustfmt::skip]
+                    fill_plane(dst, wq, in_rows, x_b, ci, (h0, w0), pro, bi * c_in + ci, pad, s, ph, oy0);
                 });
             let acc_stride = r * wq;
             acc.clear();

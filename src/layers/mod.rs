@@ -11,6 +11,7 @@ pub mod conv3d;
 pub mod embeddings;
 pub mod mlp;
 pub mod norm;
+mod winograd;
 use crate::residency::{Param, ParamPath};
 pub use attention::{attention, attention_scaled};
 pub use mlp::{FeedForward, Mlp};
@@ -125,7 +126,7 @@ pub(crate) fn with_cpu_f32<T>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<T>) -
 
 /// The prologue of a fused conv as separate ops, for devices and dtypes the fused kernel does
 /// not cover.
-fn compose_prologue(x: &Tensor, pro: &conv2d::Prologue) -> Result<Tensor> {
+pub(crate) fn compose_prologue(x: &Tensor, pro: &conv2d::Prologue) -> Result<Tensor> {
     let mut y = x.clone();
     if let Some((a, b)) = &pro.affine {
         let (n, c, _, _) = x.dims4()?;
