@@ -11,6 +11,7 @@
 use std::time::{Duration, Instant};
 
 use candle_core::{Device, Module, Tensor};
+use lowtide::layers::attention;
 use lowtide::layers::conv2d::{conv2d, ConvSpec};
 
 /// The CLI's allocator, so buffer reuse is what `lowtide generate` sees.
@@ -62,6 +63,14 @@ fn main() {
                 let lin = candle_nn::Linear::new(w, Some(b));
                 let ms = median_ms(|| drop(lin.forward(&x).unwrap()));
                 (format!("mm_{m}x{k}x{n}"), 2.0 * (m * k * n) as f64, ms)
+            }
+            ("attn", &[b, h, lq, lk, d]) => {
+                let q = Tensor::randn(0f32, 1.0, (b, h, lq, d), &dev).unwrap();
+                let k = Tensor::randn(0f32, 1.0, (b, h, lk, d), &dev).unwrap();
+                let v = Tensor::randn(0f32, 1.0, (b, h, lk, d), &dev).unwrap();
+                let ms = median_ms(|| drop(attention(&q, &k, &v, None).unwrap()));
+                let name = format!("attn_{b}x{h}x{lq}x{lk}x{d}");
+                (name, 4.0 * (b * h * lq * lk * d) as f64, ms)
             }
             _ => panic!("{file}: cannot read `{line}`"),
         };

@@ -20,6 +20,10 @@ use crate::error::{Error, Result};
 /// Scratch budget per chunk (input phases + output rows).
 pub(super) const CHUNK_BYTES: usize = 24 << 20;
 
+/// The most scratch either conv kernel takes, whatever the sizes (the Winograd kernel's
+/// transformed weights and its pass), for memory estimates.
+pub const SCRATCH_BYTES: usize = 2 * CHUNK_BYTES;
+
 /// Output pixels per task when a chunk is split across threads.
 const PIXEL_BLOCK: usize = 1024;
 
@@ -163,6 +167,95 @@ pub fn conv2d_ext(
     Ok(Tensor::from_vec(out, (n, c_out, h_out, w_out), x.device())?)
 }
 
+/// `Σ_k conv2d(x_k, w_k) + b + residual` for inputs of one shape and weights of one shape:
+/// conv3d's temporal taps. Where the Winograd kernel applies, the terms are stacked along its
+/// GEMMs' inner dimension (one output transform and one output tensor for the sum); otherwise
+/// a chain of [`conv2d_ext`] calls, the running sum riding in the residual.
+pub fn conv2d_sum(
+    terms: &[(&Tensor, &Tensor)],
+    b: Option<&Tensor>,
+    spec: &ConvSpec,
+    residual: Option<&Tensor>,
+) -> Result<Tensor> {
+    let Some(&(x0, w0)) = terms.first() else {
+        return Err(Error::InvalidArgument("conv2d_sum: no terms".into()));
+    };
+    if let Some((x, w)) = terms
+        .iter()
+        .find(|(x, w)| x.dims() != x0.dims() || w.dims() != w0.dims())
+    {
+        return Err(Error::InvalidArgument(format!(
+            "conv2d_sum: terms differ in shape: {:?} * {:?} vs {:?} * {:?}",
+            x.dims(),
+            w.dims(),
+            x0.dims(),
+            w0.dims()
+        )));
+    }
+    let stacked = terms.len() > 1
+        && terms.iter().all(|(x, w)| supported(x, w))
+        && residual.is_none_or(|r| matches!(r.device(), Device::Cpu) && r.dtype() == DType::F32);
+    if stacked {
+        let (n, c_in, h, wd) = x0.dims4()?;
+        let (c_out, c_in_w, k, _) = w0.dims4()?;
+        let pad = spec.padding;
+        let (hp, wp) = (h + pad.top + pad.bottom, wd + pad.left + pad.right);
+        if c_in_w == c_in && spec.groups == 1 && hp >= k && wp >= k {
+            let (h_out, w_out) = ((hp - k) / spec.stride + 1, (wp - k) / spec.stride + 1);
+            if super::winograd::takes(k, spec.stride, 1, h_out, w_out) {
+                let shape = (n, c_out, h_out, w_out);
+                if let Some(r) = residual.filter(|r| r.dims() != [n, c_out, h_out, w_out]) {
+                    return Err(Error::InvalidArgument(format!(
+                        "conv2d: residual shape {:?} does not match the output {shape:?}",
+                        r.dims()
+                    )));
+                }
+                let bias = b.map(|b| b.to_vec1::<f32>()).transpose()?;
+                let xs: Vec<&Tensor> = terms.iter().map(|t| t.0).collect();
+                let ws: Vec<&Tensor> = terms.iter().map(|t| t.1).collect();
+                let mut out = vec![0f32; n * c_out * h_out * w_out];
+                super::with_cpu_f32_all(&xs, |xs| {
+                    super::with_cpu_f32_all(&ws, |ws| {
+                        let mut run = |res: Option<&[f32]>| {
+                            #[rustfmt::skip]
+                            super::winograd::run(xs, ws, bias.as_deref(), res, &mut out, &Prologue::default(),
+                                pad, (n, c_in, h, wd), c_out, (h_out, w_out), super::winograd::BUDGET);
+                            Ok(())
+                        };
+                        match residual {
+                            Some(r) => with_cpu_f32(r, |rs| run(Some(rs))),
+                            None => run(None),
+                        }
+                    })
+                })?;
+                return Ok(Tensor::from_vec(out, shape, x0.device())?);
+            }
+        }
+    }
+    let mut acc = residual.cloned();
+    for (i, (x, w)) in terms.iter().enumerate() {
+        let bias = if i == 0 { b } else { None };
+        let y = if supported(x, w) {
+            conv2d_ext(x, w, bias, spec, &Prologue::default(), acc.as_ref())?
+        } else {
+            let p = spec.padding;
+            let xp = x
+                .pad_with_zeros(2, p.top, p.bottom)?
+                .pad_with_zeros(3, p.left, p.right)?;
+            let mut y = xp.conv2d(w, 0, spec.stride, 1, spec.groups)?;
+            if let Some(b) = bias {
+                y = y.broadcast_add(&b.reshape((1, (), 1, 1))?)?;
+            }
+            match &acc {
+                Some(a) => (y + a)?,
+                None => y,
+            }
+        };
+        acc = Some(y);
+    }
+    acc.ok_or_else(|| Error::InvalidArgument("conv2d_sum: no terms".into()))
+}
+
 /// Fills one zero-initialised plane of `rows` rows of `width` columns with input channel `ci` of
 /// `x_b` (stored `h0 × w0`), transformed by the prologue (coefficients at index `coef`), as
 /// the stride phase `(ry, rx)` of the padded input: row `rr`, column `j` hold the padded input
@@ -265,7 +358,7 @@ fn run(
     if super::winograd::takes(k, s, groups, h_out, w_out) {
         let x_dims = (n, c_in, h0, w0);
         #[rustfmt::skip]
-        super::winograd::run(xs, ws, bias, residual, &mut out, pro, pad, x_dims, c_out, (h_out, w_out), super::winograd::BUDGET);
+        super::winograd::run(&[xs], &[ws], bias, residual, &mut out, pro, pad, x_dims, c_out, (h_out, w_out), super::winograd::BUDGET);
         return Ok(out);
     }
     let mut inp = Vec::<f32>::new();
@@ -514,6 +607,47 @@ mod tests {
                 assert!(d < 1e-5, "{spec:?} silu={silu} up={up}: {d}");
             }
         }
+    }
+
+    /// A sum of convs (conv3d's taps) equals the composed convs, stacked into one Winograd call
+    /// (stride 1) or chained (stride 2), and refuses terms of different shapes.
+    #[test]
+    fn sums_equal_the_composed_convs() {
+        let dev = Device::Cpu;
+        for stride in [1, 2] {
+            let spec = ConvSpec::new(stride, 1, 1);
+            let xs: Vec<Tensor> = (0..3)
+                .map(|_| Tensor::randn(0f32, 1.0, (2, 5, 20, 20), &dev).unwrap())
+                .collect();
+            let ws: Vec<Tensor> = (0..3)
+                .map(|_| Tensor::randn(0f32, 0.3, (6, 5, 3, 3), &dev).unwrap())
+                .collect();
+            let b = Tensor::randn(0f32, 0.3, 6, &dev).unwrap();
+            let zero = b.zeros_like().unwrap();
+            let mut want = reference(&xs[0], &ws[0], &b, &spec);
+            for (x, w) in xs.iter().zip(&ws).skip(1) {
+                want = (want + reference(x, w, &zero, &spec)).unwrap();
+            }
+            let res = Tensor::randn(0f32, 1.0, want.dims(), &dev).unwrap();
+            let terms: Vec<(&Tensor, &Tensor)> = xs.iter().zip(&ws).collect();
+            for r in [None, Some(&res)] {
+                let got = conv2d_sum(&terms, Some(&b), &spec, r).unwrap();
+                let want = match r {
+                    Some(r) => (&want + r).unwrap(),
+                    None => want.clone(),
+                };
+                let d = max_abs(&(got - &want).unwrap());
+                assert!(d <= 1e-5 * max_abs(&want).max(1.0), "stride {stride}: {d}");
+            }
+        }
+        let (x, w) = (
+            Tensor::zeros((1, 4, 8, 8), DType::F32, &dev).unwrap(),
+            Tensor::zeros((4, 4, 3, 3), DType::F32, &dev).unwrap(),
+        );
+        let x2 = Tensor::zeros((1, 4, 8, 9), DType::F32, &dev).unwrap();
+        let spec = ConvSpec::new(1, 1, 1);
+        assert!(conv2d_sum(&[(&x, &w), (&x2, &w)], None, &spec, None).is_err());
+        assert!(conv2d_sum(&[], None, &spec, None).is_err());
     }
 
     #[test]

@@ -2,17 +2,17 @@
 //!
 //! A `(kt, k, k)` conv3d is the sum over its `kt` temporal taps of a `k × k` conv2d of input frame
 //! `t·stride + tap` with the weight slice `[:, :, tap]`, plus the bias once. Each output frame is
-//! built that way on the memory-lean [`conv2d`](super::conv2d) kernel, the running sum riding in
-//! the kernel's residual input, so no im2col of a 5-D tensor and no padded copy of the video is
-//! ever made: the scratch is that of one frame's conv2d.
+//! that sum on the memory-lean conv2d kernels ([`conv2d_sum`](super::conv2d::conv2d_sum): one
+//! Winograd call with the taps stacked, or a chain of direct convs), so no im2col of a 5-D
+//! tensor and no padded copy of the video is ever made: the scratch is that of one frame's conv.
 //!
 //! Causality is diffusers': the input is padded with `2 · padding_t` zero frames in front (none
 //! behind), and a streaming caller passes the last input frames of the previous chunk as `past`,
 //! which take the place of as many of those zero frames. Zero frames are skipped, not computed.
 
-use candle_core::{Module, Tensor};
+use candle_core::Tensor;
 
-use super::conv2d::{self, ConvSpec, Prologue};
+use super::conv2d::{self, ConvSpec};
 use crate::error::{Error, Result};
 use crate::residency::{Param, ParamPath};
 
@@ -111,69 +111,26 @@ impl CausalConv3d {
         };
         let mut out = Vec::with_capacity(t_out);
         for o in 0..t_out {
-            let mut acc = residual.as_mut().and_then(|r| r.next());
-            let mut biased = false;
-            for (k, tap) in taps.iter().enumerate() {
-                let s = o * self.stride_t + k;
-                if s < zeros {
-                    continue;
-                }
-                let bias = (!biased).then_some(&b);
-                acc = Some(conv2d_any(
-                    frame(s),
-                    tap,
-                    bias,
-                    &self.spatial,
-                    acc.as_ref(),
-                )?);
-                biased = true;
-            }
-            if !biased {
+            let acc = residual.as_mut().and_then(|r| r.next());
+            // The taps that read real frames (the causal padding's zero frames add nothing).
+            let terms: Vec<(&Tensor, &Tensor)> = (0..self.kt)
+                .map(|k| o * self.stride_t + k)
+                .zip(&taps)
+                .filter(|&(s, _)| s >= zeros)
+                .map(|(s, tap)| (frame(s), tap))
+                .collect();
+            let y = if terms.is_empty() {
                 // Every tap read padding: the bias alone (a kernel wider than its padding
                 // cannot get here, but a custom one might).
                 let z = frame(zeros).zeros_like()?;
-                acc = Some(conv2d_any(
-                    &z,
-                    &taps[0],
-                    Some(&b),
-                    &self.spatial,
-                    acc.as_ref(),
-                )?);
-            }
-            out.push(acc.ok_or_else(|| Error::InvalidArgument("causal conv3d: no output".into()))?);
+                conv2d::conv2d_sum(&[(&z, &taps[0])], Some(&b), &self.spatial, acc.as_ref())?
+            } else {
+                conv2d::conv2d_sum(&terms, Some(&b), &self.spatial, acc.as_ref())?
+            };
+            out.push(y);
         }
         Ok(out)
     }
-}
-
-/// `conv2d(x, w) + b + residual` on the lean CPU kernel where it applies, composed from candle
-/// ops elsewhere (other devices and dtypes).
-fn conv2d_any(
-    x: &Tensor,
-    w: &Tensor,
-    b: Option<&Tensor>,
-    spec: &ConvSpec,
-    residual: Option<&Tensor>,
-) -> Result<Tensor> {
-    if conv2d::supported(x, w) {
-        return conv2d::conv2d_ext(x, w, b, spec, &Prologue::default(), residual);
-    }
-    let p = spec.padding;
-    let xp = x
-        .pad_with_zeros(2, p.top, p.bottom)?
-        .pad_with_zeros(3, p.left, p.right)?;
-    let cfg = candle_nn::Conv2dConfig {
-        padding: 0,
-        stride: spec.stride,
-        dilation: 1,
-        groups: spec.groups,
-        cudnn_fwd_algo: None,
-    };
-    let y = candle_nn::Conv2d::new(w.clone(), b.cloned(), cfg).forward(&xp)?;
-    Ok(match residual {
-        Some(r) => (y + r)?,
-        None => y,
-    })
 }
 
 #[cfg(test)]

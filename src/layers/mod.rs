@@ -124,6 +124,33 @@ pub(crate) fn with_cpu_f32<T>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<T>) -
     }
 }
 
+/// [`with_cpu_f32`] for several tensors at once.
+pub(crate) fn with_cpu_f32_all<T>(
+    ts: &[&Tensor],
+    f: impl FnOnce(&[&[f32]]) -> Result<T>,
+) -> Result<T> {
+    let ts = ts
+        .iter()
+        .map(|t| Ok(t.contiguous()?))
+        .collect::<Result<Vec<Tensor>>>()?;
+    let guards: Vec<_> = ts.iter().map(|t| t.storage_and_layout()).collect();
+    let mut slices = Vec::with_capacity(ts.len());
+    for (t, (storage, layout)) in ts.iter().zip(&guards) {
+        match &**storage {
+            candle_core::Storage::Cpu(cpu) => {
+                let start = layout.start_offset();
+                slices.push(&cpu.as_slice::<f32>()?[start..start + t.elem_count()]);
+            }
+            _ => {
+                return Err(crate::error::Error::InvalidArgument(
+                    "CPU kernel: expected a CPU tensor".into(),
+                ))
+            }
+        }
+    }
+    f(&slices)
+}
+
 /// The prologue of a fused conv as separate ops, for devices and dtypes the fused kernel does
 /// not cover.
 pub(crate) fn compose_prologue(x: &Tensor, pro: &conv2d::Prologue) -> Result<Tensor> {

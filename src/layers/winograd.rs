@@ -7,8 +7,8 @@
 //! Layouts keep every transform a run of slice operations over tiles (vectorised) and every
 //! GEMM a plain strided product: `V[ξ][c_in][tile]`, `U[ξ][c_out][c_in]`, `O[ξ][c_out][tile]`
 //! for the 36 points ξ; the 36 GEMMs `O_ξ = V_ξ · U_ξ` run in parallel. Scratch stays within
-//! the direct kernel's `CHUNK_BYTES` whatever the image size: input rows are taken a band of
-//! tile rows at a time, output channels a block at a time.
+//! `conv2d::SCRATCH_BYTES` whatever the sizes: input rows are taken a band of tile rows at a
+//! time, output channels a block at a time.
 //!
 //! The rounding differs from the direct conv's (transforms add and subtract terms up to 5x the
 //! inputs): about 1e-6 of the output's scale in f32, checked against the direct kernel in the
@@ -17,7 +17,7 @@
 use gemm::{gemm, Parallelism};
 use rayon::prelude::*;
 
-use super::conv2d::{fill_plane, Padding, Prologue, CHUNK_BYTES};
+use super::conv2d::{fill_plane, Padding, Prologue, CHUNK_BYTES, SCRATCH_BYTES};
 
 /// Output tile side, input tile side, points per tile.
 const M: usize = 4;
@@ -25,7 +25,8 @@ const TILE: usize = M + 2;
 const XI: usize = TILE * TILE;
 
 /// Scratch bounds: transformed weights held at once (an output-channel block), and the input
-/// band, `V` and `O` of a pass; together the direct kernel's `CHUNK_BYTES`.
+/// band, `V` and `O` of a pass; together `conv2d::SCRATCH_BYTES`. Halving both made the Wan
+/// decoder 7% slower (transforms redone per block and pass).
 #[derive(Clone, Copy)]
 pub(super) struct Budget {
     pub weights: usize,
@@ -33,8 +34,8 @@ pub(super) struct Budget {
 }
 
 pub(super) const BUDGET: Budget = Budget {
-    weights: 8 << 20,
-    pass: CHUNK_BYTES - (8 << 20),
+    weights: SCRATCH_BYTES - CHUNK_BYTES,
+    pass: CHUNK_BYTES,
 };
 
 /// Whether the Winograd path takes this conv (3×3, stride 1, one group, enough tiles that the
@@ -65,12 +66,14 @@ impl Ptr {
     }
 }
 
-/// `out = conv3x3(prologue(x), w) + bias + residual` for stride 1, one group (every output
-/// pixel is written once, by its tile). Sizes are validated by the caller.
+/// `out = Σ_k conv3x3(prologue(x_k), w_k) + bias + residual` for stride 1, one group: the
+/// terms (conv3d's temporal taps) are stacked along the GEMMs' inner dimension, so a sum costs
+/// one output transform. Every output pixel is written once, by its tile. All `x_k` are
+/// `(n, c_in, h0, w0)`, all `w_k` `(c_out, c_in, 3, 3)`; sizes are validated by the caller.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn run(
-    xs: &[f32],
-    ws: &[f32],
+    xs: &[&[f32]],
+    ws: &[&[f32]],
     bias: Option<&[f32]>,
     residual: Option<&[f32]>,
     out: &mut [f32],
@@ -81,6 +84,8 @@ pub(super) fn run(
     (h_out, w_out): (usize, usize),
     budget: Budget,
 ) {
+    let c_in1 = c_in;
+    let c_in = c_in1 * xs.len(); // the stacked inner dimension
     let (ty_n, tx_n) = (h_out.div_ceil(M), w_out.div_ceil(M));
     let cols = M * tx_n + 4; // padded input row width: the tiles read up to 4·tx_n + 2
                              // Output-channel block whose transformed weights fit the budget.
@@ -105,7 +110,7 @@ pub(super) fn run(
         xs,
         pro,
         pad,
-        x_dims: (n, c_in, h0, w0),
+        x_dims: (n, c_in1, h0, w0),
         ty_n,
         tx_n,
         cols,
@@ -121,7 +126,7 @@ pub(super) fn run(
             let (blk, pass) = if blocks_outer { (i, j) } else { (j, i) };
             let (co0, cb) = (blk * co_blk, co_blk.min(c_out - blk * co_blk));
             if u_block != blk {
-                weights(ws, c_in, co0, cb, &mut u);
+                weights(ws, c_in1, co0, cb, &mut u);
                 u_block = blk;
             }
             if v_pass != pass {
@@ -180,7 +185,7 @@ pub(super) fn run(
 
 /// What the input transform of a pass needs.
 struct Ctx<'a> {
-    xs: &'a [f32],
+    xs: &'a [&'a [f32]],
     pro: &'a Prologue,
     pad: Padding,
     x_dims: (usize, usize, usize, usize),
@@ -194,7 +199,8 @@ impl Ctx<'_> {
     /// `V` of pass `pass` (tile rows `pass·band..` over the batch's images in order): each
     /// image's share is read as a zero-padded band of input rows, then transformed per channel.
     fn input(&self, pass: usize, v: &mut Vec<f32>, inp: &mut Vec<f32>) {
-        let (n, c_in, h0, w0) = self.x_dims;
+        let (n, c1, h0, w0) = self.x_dims;
+        let c_in = c1 * self.xs.len();
         let (ty_n, tx_n, cols) = (self.ty_n, self.tx_n, self.cols);
         let (start, end) = (pass * self.band, ((pass + 1) * self.band).min(n * ty_n));
         let t_pass = (end - start) * tx_n;
@@ -208,10 +214,12 @@ impl Ctx<'_> {
             let plane = rows * cols;
             inp.clear();
             inp.resize(c_in * plane, 0.0); // padding must be zeros
-            let x_b = &self.xs[bi * c_in * h0 * w0..(bi + 1) * c_in * h0 * w0];
-            inp.par_chunks_mut(plane).enumerate().for_each(|(ci, dst)| {
+                                           // Stacked channel k·c1 + ci is channel ci of term k.
+            inp.par_chunks_mut(plane).enumerate().for_each(|(p, dst)| {
+                let (k, ci) = (p / c1, p % c1);
+                let x_b = &self.xs[k][bi * c1 * h0 * w0..(bi + 1) * c1 * h0 * w0];
                 #[rustfmt::skip]
-                fill_plane(dst, cols, rows, x_b, ci, (h0, w0), self.pro, bi * c_in + ci, self.pad, 1, (0, 0), M * ty0);
+                fill_plane(dst, cols, rows, x_b, ci, (h0, w0), self.pro, bi * c1 + ci, self.pad, 1, (0, 0), M * ty0);
             });
             let t0 = (row - start) * tx_n;
             let vp = Ptr(v.as_mut_ptr());
@@ -237,17 +245,21 @@ fn grow(v: &mut Vec<f32>, len: usize) {
     }
 }
 
-/// `U[ξ][c][ci] = (G g Gᵀ)[ξ]` for output channels `co0..co0 + cb`, vectorised over `ci`.
-fn weights(ws: &[f32], c_in: usize, co0: usize, cb: usize, u: &mut Vec<f32>) {
+/// `U[ξ][c][k·c1 + ci] = (G w_k[co0 + c, ci] Gᵀ)[ξ]` for output channels `co0..co0 + cb`,
+/// vectorised over the stacked input channels.
+fn weights(ws: &[&[f32]], c1: usize, co0: usize, cb: usize, u: &mut Vec<f32>) {
+    let c_in = c1 * ws.len();
     grow(u, XI * cb * c_in); // fully overwritten
     let up = Ptr(u.as_mut_ptr());
     let scratch = || (vec![vec![0f32; c_in]; 9], vec![vec![0f32; c_in]; TILE * 3]);
     (0..cb).into_par_iter().for_each_init(scratch, |(g, t), c| {
-        let w = &ws[(co0 + c) * c_in * 9..][..c_in * 9];
         // g[ky·3 + kx][ci], then t = G g (t[a·3 + kx]), then U = t Gᵀ.
-        for (ci, taps) in w.chunks_exact(9).enumerate() {
-            for (gt, &x) in g.iter_mut().zip(taps) {
-                gt[ci] = x;
+        for (k, w) in ws.iter().enumerate() {
+            let w = &w[(co0 + c) * c1 * 9..][..c1 * 9];
+            for (ci, taps) in w.chunks_exact(9).enumerate() {
+                for (gt, &x) in g.iter_mut().zip(taps) {
+                    gt[k * c1 + ci] = x;
+                }
             }
         }
         for kx in 0..3 {
@@ -516,7 +528,7 @@ mod tests {
             let bs = b.to_vec1::<f32>().unwrap();
             let rs = res.map(|r| r.flatten_all().unwrap().to_vec1::<f32>().unwrap());
             #[rustfmt::skip]
-            run(&xs, &ws, Some(&bs), rs.as_deref(), &mut out, &pro, pad, (n, c_in, h, w), c_out,
+            run(&[&xs], &[&ws], Some(&bs), rs.as_deref(), &mut out, &pro, pad, (n, c_in, h, w), c_out,
                 (h_out, w_out), budget);
             let got = Tensor::from_vec(out, want.dims(), &dev).unwrap();
             let d = max_abs(&(&got - &want).unwrap());

@@ -309,8 +309,9 @@ impl StableDiffusion {
         let c0 = self.unet.config().block_out_channels[0] as f64;
         // The largest UNet activations live at full latent resolution with the first block's
         // channels: about eight such tensors at once, plus bounded attention and conv scratch.
+        let scratch = crate::layers::conv2d::SCRATCH_BYTES + (64 << 20) + (8 << 20);
         let unet = batch as f64 * cfg_factor as f64 * c0 * h as f64 * w as f64 * 4.0 * 8.0
-            + (96u64 << 20) as f64;
+            + scratch as f64;
         let [decode, image] = vae_decode_needs(&self.vae, vae, batch, h, w)?;
         self.base.check_memory(&[
             Need {

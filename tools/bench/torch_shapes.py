@@ -38,6 +38,11 @@ with torch.no_grad():
             ms = median_ms(lambda: F.conv2d(x, wt, b, stride=s, padding=k // 2))
             name = f"conv_{n}x{c}x{h}x{w}_to{co}_k{k}s{s}"
             flops = 2 * n * c * co * k * k * y.shape[2] * y.shape[3]
+        elif kind == "attn":
+            b, h, lq, lk, d = v
+            q, k_, v_ = torch.randn(b, h, lq, d), torch.randn(b, h, lk, d), torch.randn(b, h, lk, d)
+            ms = median_ms(lambda: F.scaled_dot_product_attention(q, k_, v_))
+            name, flops = f"attn_{b}x{h}x{lq}x{lk}x{d}", 4 * b * h * lq * lk * d
         else:
             m, k, n = v
             x, wt, b = torch.randn(m, k), torch.randn(n, k) * 0.05, torch.randn(n)

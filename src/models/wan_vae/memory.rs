@@ -190,9 +190,9 @@ impl WanVaePeak {
     }
 }
 
-/// The conv2d kernel's bounded scratch (`conv2d::CHUNK_BYTES`) and the attention's score block;
+/// The conv kernels' bounded scratch (`conv2d::SCRATCH_BYTES`) and the attention's score block;
 /// the per-tap weight copies of the largest conv come on top.
-const KERNEL_SCRATCH: f64 = ((24 + 64) << 20) as f64;
+const KERNEL_SCRATCH: f64 = (crate::layers::conv2d::SCRATCH_BYTES + (64 << 20)) as f64;
 
 impl AutoencoderKLWan {
     /// diffusers' tile geometry (256 px tiles, stride 192) or a square tile of `tile_px` pixels
