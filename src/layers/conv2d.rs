@@ -501,10 +501,7 @@ mod tests {
     #[test]
     fn matches_candle_conv2d_on_random_cases() {
         let mut rng = TorchRng::new(7);
-        let mut pick = |lo: usize, hi: usize| -> usize {
-            let u = rng.randn(1)[0].abs();
-            lo + ((u * 1000.0) as usize) % (hi - lo + 1)
-        };
+        let mut pick = |lo: usize, hi: usize| crate::layers::pick(&mut rng, lo, hi);
         for case in 0..120 {
             let groups = [1, 1, 2, 3, 4][pick(0, 4)];
             let (n, c_in, c_out) = (pick(1, 3), groups * pick(1, 7), groups * pick(1, 8));

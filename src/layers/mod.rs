@@ -362,6 +362,13 @@ pub(crate) fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     max_abs(&(a - b).expect("tensors of one shape"))
 }
 
+/// A seeded draw in `lo..=hi` for the kernels' random-case tests.
+#[cfg(test)]
+pub(crate) fn pick(rng: &mut crate::rng::TorchRng, lo: usize, hi: usize) -> usize {
+    let u = rng.randn(1)[0].abs();
+    lo + ((u * 1000.0) as usize) % (hi - lo + 1)
+}
+
 /// The largest magnitude in a tensor, as f32 (kernel tests).
 #[cfg(test)]
 pub(crate) fn max_abs(t: &Tensor) -> f32 {

@@ -469,10 +469,7 @@ mod tests {
     #[test]
     fn matches_candle_on_random_cases() {
         let mut rng = TorchRng::new(11);
-        let mut pick = |lo: usize, hi: usize| -> usize {
-            let u = rng.randn(1)[0].abs();
-            lo + ((u * 1000.0) as usize) % (hi - lo + 1)
-        };
+        let mut pick = |lo: usize, hi: usize| crate::layers::pick(&mut rng, lo, hi);
         let dev = Device::Cpu;
         let mut orders = [false, false];
         let mut worst = 0f32;
