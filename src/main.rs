@@ -10,6 +10,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use lowtide::device::{parse_device, parse_dtype};
 use lowtide::io::{
     read_image, read_image_arg, read_single_tensor, save_images, save_tensors, write_atomic,
+    TensorFileWriter,
 };
 use lowtide::models::VaeOptions;
 use lowtide::pipelines::{
@@ -587,7 +588,11 @@ fn vae(command: VaeCommand) -> Result<()> {
                     if let Some(note) = mem.budget_note(&asked) {
                         eprintln!("{note}");
                     }
-                    decode_or_retry_tiled(vae, &z, &mem)?
+                    let sample = decode_or_retry_tiled(vae, &z, &mem)?;
+                    // Written before the pictures, which need it alive only as long as they
+                    // are encoded.
+                    save_tensors(&dst, &[("sample", &sample)])?;
+                    sample
                 }
                 AnyVae::Video(vae) => {
                     let (b, _, t, h, w) = z.dims5().with_context(|| {
@@ -596,19 +601,31 @@ fn vae(command: VaeCommand) -> Result<()> {
                             latents.display()
                         )
                     })?;
+                    let cfg = vae.config();
                     if let Some(o) = &out {
-                        lowtide::video::video_output_path(
-                            "--out",
-                            o,
-                            vae.config().decoded_frames(t),
-                        )?;
+                        lowtide::video::video_output_path("--out", o, cfg.decoded_frames(t))?;
                     }
                     let mem = video_vae_options(&vae_args)?.plan(vae, b, t, h, w)?;
-                    vae.decode_with(&z, &mem)?
+                    // Pieces go straight into the file as they are decoded: the video is never
+                    // held whole (with tiling, a tile's frame at a time).
+                    let f = cfg.spatial_factor();
+                    let shape = [
+                        b,
+                        cfg.image_out_channels(),
+                        cfg.decoded_frames(t),
+                        h * f,
+                        w * f,
+                    ];
+                    let mut file = TensorFileWriter::create(&dst, "sample", &shape)?;
+                    vae.decode_regions(&z, &mem, &mut |at, piece| file.write_region(&at, &piece))?;
+                    file.finish()?;
+                    if out.is_none() {
+                        eprintln!("wrote {}", dst.display());
+                        return Ok(());
+                    }
+                    read_single_tensor(&dst, &candle_core::Device::Cpu)?
                 }
             };
-            // Written before the pictures, which need it alive only as long as they are encoded.
-            save_tensors(&dst, &[("sample", &sample)])?;
             eprintln!("wrote {}", dst.display());
             if let Some(out) = out {
                 let written = if sample.rank() == 5 {

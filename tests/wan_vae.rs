@@ -565,6 +565,61 @@ fn decode_memory_is_flat_in_frames() {
             "{name}: estimate too low"
         );
         assert!((o21 as u64) <= est.cache + est.working + est.output);
+
+        // Tiled and streamed piece by piece (what `vae decode` does into its file): the only
+        // memory that grows with the frames is the blend strips, per output frame the bottom
+        // strips of a row of tiles plus one tile's, and the right strip of the tile to the left.
+        let g = tiling_of(&vae, &cases(name)["decode_tiling"]);
+        let mem = tiled(g);
+        let cfg = vae.config();
+        let (f, p) = (cfg.spatial_factor(), cfg.patch());
+        let (lh, lw) = (8usize, 12usize);
+        let tile_in = (g.tile().0 / f, g.tile().1 / f);
+        let stride_in = (g.stride().0 / f, g.stride().1 / f);
+        let row_width: usize = (0..lw)
+            .step_by(stride_in.1)
+            .map(|j| tile_in.1.min(lw - j) * f / p)
+            .sum();
+        let (bh, bw) = (
+            (g.tile().0 - g.stride().0) / p,
+            (g.tile().1 - g.stride().1) / p,
+        );
+        let strip_px = bh * (row_width + tile_in.1 * f / p) + tile_in.0 * f / p * bw;
+        let per_frame = strip_px * cfg.out_channels * 4;
+        let pieces_once = |z: &Tensor| {
+            let mut pieces = 0;
+            let (_, peak) = heap_peak_of(|| {
+                vae.decode_regions(z, &mem, &mut |_, piece| {
+                    pieces += 1;
+                    drop(piece);
+                    Ok(())
+                })
+                .unwrap()
+            });
+            (pieces, peak)
+        };
+        let pieces = |z: &Tensor| {
+            let (n, a) = pieces_once(z);
+            let (_, b) = pieces_once(z);
+            (n, a.min(b))
+        };
+        let (n5, t5) = pieces(&z5);
+        let (n21, t21) = pieces(&z21);
+        let tiles = lh.div_ceil(stride_in.0) * lw.div_ceil(stride_in.1);
+        assert_eq!((n5, n21), (17 * tiles, 81 * tiles));
+        let grown = t21.saturating_sub(t5);
+        let strips = per_frame * (81 - 17);
+        eprintln!("{name} tiled: streamed peak {t5} B vs {t21} B; strips {strips} B");
+        assert!(
+            grown as f64 <= 1.1 * strips as f64 + 65536.0,
+            "{name}: tiled peak grew {grown} B, more than the strips ({strips} B)"
+        );
+        let est = vae.decode_peak(1, 21, lh, lw, &mem);
+        let video = cfg.image_out_channels() * 81 * lh * f * lw * f * 4;
+        assert!(
+            t21 as u64 <= est.total() - est.weights - video as u64,
+            "{name}: tiled estimate too low"
+        );
     }
 }
 

@@ -7,8 +7,10 @@
 //!   copies) for memory that grows with the chunk — never with the video's length.
 //! - Tiling: spatial tiles exactly as diffusers' `tiled_decode`/`tiled_encode` (tile and stride in
 //!   video pixels, linear blends over the tile above and to the left, crop to the stride). Each
-//!   tile streams through time with its own cache. A tile is blended as soon as it is decoded and
-//!   only the strips later blends read are kept; finished rows go straight into the output.
+//!   tile streams through time with its own cache. Each frame of a tile is blended as soon as it
+//!   is decoded and goes to the output (a file, a host buffer) as a piece; only the strips later
+//!   blends read are kept, so the output itself never has to be held (`vae decode` writes pieces
+//!   straight into the safetensors file).
 //! - Slicing: one batch item at a time.
 //!
 //! Quirk kept for parity: with `patch_size` (Wan 2.2), diffusers' `tiled_encode` applies the tile
@@ -19,6 +21,7 @@ use candle_core::Tensor;
 use super::blocks::CACHE_T;
 use super::{patchify, unpatchify, AutoencoderKLWan};
 use crate::error::{Error, Result};
+use crate::io::HostCanvas;
 use crate::models::autoencoder_kl::LatentDist;
 use crate::models::vae_tiling::{blend_h, blend_v};
 
@@ -180,7 +183,7 @@ pub struct WanVaePeak {
     pub cache: u64,
     /// The costliest layer of one chunk, plus the conv kernels' scratch and weight-tap copies.
     pub working: u64,
-    /// The output, and with tiling the two rows of tiles kept for blending.
+    /// The assembled output, and with tiling the blend strips kept (see `decode_regions`).
     pub output: u64,
 }
 
@@ -279,28 +282,22 @@ impl AutoencoderKLWan {
     pub fn decode_with(&self, z: &Tensor, mem: &WanVaeMemory) -> Result<Tensor> {
         let (b, t, h, w) = self.check_latents(z, mem)?;
         let f = self.cfg.spatial_factor();
-        let shape = (
+        let shape = [
             b,
             self.cfg.image_out_channels(),
             self.cfg.decoded_frames(t),
             h * f,
             w * f,
-        );
-        let items = batch_items(b, mem.slicing);
+        ];
         if self.tiles(mem, h, w).is_some() {
-            if let [(0, n)] = items[..] {
-                if n == b {
-                    return self.decode_tiled(z, mem);
-                }
-            }
-            let out = Tensor::zeros(shape, z.dtype(), z.device())?;
-            for (b0, n) in items {
-                out.slice_set(&self.decode_tiled(&z.narrow(0, b0, n)?, mem)?, 0, b0)?;
-            }
-            return Ok(out);
+            // Tiles arrive frame by frame; they are placed in host memory, where a piece can be
+            // written in place.
+            let mut canvas = HostCanvas::zeros(&shape);
+            self.decode_regions(z, mem, &mut |at, piece| canvas.write_region(&at, &piece))?;
+            return Ok(canvas.into_tensor(z.device())?.to_dtype(z.dtype())?);
         }
-        let out = Tensor::zeros(shape, z.dtype(), z.device())?;
-        for (b0, n) in items {
+        let out = Tensor::zeros(shape.as_slice(), z.dtype(), z.device())?;
+        for (b0, n) in batch_items(b, mem.slicing) {
             let part = out.narrow(0, b0, n)?;
             // Frames go into the output as they come: no list of frames and no final copy.
             self.decode_stream(&z.narrow(0, b0, n)?, mem, &mut |i, frame| {
@@ -311,9 +308,9 @@ impl AutoencoderKLWan {
     }
 
     /// Decodes with a memory plan, handing each output frame `(B', C, H, W)` (clamped to
-    /// [-1, 1]) to `sink(first_batch_item, frame_index, frame)` as soon as it exists, so a
-    /// caller that writes frames out never holds the whole video. Without tiling the frames come
-    /// chunk by chunk; with tiling, once all tiles are blended.
+    /// [-1, 1]) to `sink(first_batch_item, frame_index, frame)` as soon as it exists. Without
+    /// tiling the frames come chunk by chunk; with tiling, once the whole video is decoded (use
+    /// [`AutoencoderKLWan::decode_regions`] to stream tiles).
     pub fn decode_frames(
         &self,
         z: &Tensor,
@@ -324,12 +321,41 @@ impl AutoencoderKLWan {
         for (b0, n) in batch_items(b, mem.slicing) {
             let z = z.narrow(0, b0, n)?;
             if self.tiles(mem, h, w).is_some() {
-                let video = self.decode_tiled(&z, mem)?;
+                let video = self.decode_with(&z, mem)?;
                 for i in 0..video.dim(2)? {
                     sink(b0, i, video.narrow(2, i, 1)?.squeeze(2)?.contiguous()?)?;
                 }
             } else {
                 self.decode_stream(&z, mem, &mut |i, fr| sink(b0, i, fr))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Decodes with a memory plan, handing each piece of the video to `sink(origin, piece)` as
+    /// soon as it is final: `piece` is `(B', C, 1, h, w)`, clamped to [-1, 1], and belongs at
+    /// `origin` = `[batch item, 0, frame, row, column]` of the `(B, C, T, H, W)` video. Untiled,
+    /// the pieces are whole frames; tiled, one tile's part of one frame. Nothing that grows with
+    /// the video's length is kept except, with tiling, the blend strips (see
+    /// [`AutoencoderKLWan::decode_peak`]), so a sink that writes pieces out (a file, a host
+    /// buffer) bounds the whole decode.
+    pub fn decode_regions(
+        &self,
+        z: &Tensor,
+        mem: &WanVaeMemory,
+        sink: &mut dyn FnMut([usize; 5], Tensor) -> Result<()>,
+    ) -> Result<()> {
+        let (b, _, h, w) = self.check_latents(z, mem)?;
+        for (b0, n) in batch_items(b, mem.slicing) {
+            let z = z.narrow(0, b0, n)?;
+            if self.tiles(mem, h, w).is_some() {
+                self.decode_tiled(&z, mem, &mut |[_, c, t, y, x], piece| {
+                    sink([b0, c, t, y, x], piece)
+                })?;
+            } else {
+                self.decode_stream(&z, mem, &mut |i, fr| {
+                    sink([b0, 0, i, 0, 0], fr.unsqueeze(2)?)
+                })?;
             }
         }
         Ok(())
@@ -381,55 +407,79 @@ impl AutoencoderKLWan {
         })
     }
 
-    /// Tiled: the whole video `(B, C, T, H, W)`.
-    fn decode_tiled(&self, z: &Tensor, mem: &WanVaeMemory) -> Result<Tensor> {
-        let (b, _, t, h, w) = z.dims5()?;
+    /// Tiled, in diffusers' `tiled_decode` geometry (tiles and strides in latent cells on the
+    /// input side, blends and crops in patchified decoder-output pixels), but frame by frame:
+    /// each tile streams through time with its own cache, and each of its frames is blended
+    /// with the strips kept from the tile above and the tile to the left, cropped to the stride
+    /// and handed to `sink` (origins as [`AutoencoderKLWan::decode_regions`], batch item 0).
+    /// Kept across tiles: the bottom strips of the row above and the right strip of the tile to
+    /// the left, per frame — the only memory that grows with the video's length.
+    fn decode_tiled(
+        &self,
+        z: &Tensor,
+        mem: &WanVaeMemory,
+        sink: &mut dyn FnMut([usize; 5], Tensor) -> Result<()>,
+    ) -> Result<()> {
+        let (_, _, _, h, w) = z.dims5()?;
         let (p, f) = (self.cfg.patch(), self.cfg.spatial_factor());
         let Some(g) = mem.tiling else {
             return Err(Error::InvalidArgument(
                 "tiled decode without a tiling".into(),
             ));
         };
-        // Geometry as diffusers' tiled_decode: tiles and strides in latent cells on the input
-        // side; blends and crops in (patchified) decoder-output pixels.
-        let geo = Geometry {
-            tile_in: (g.tile.0 / f, g.tile.1 / f),
-            stride_in: (g.stride.0 / f, g.stride.1 / f),
-            blend_out: ((g.tile.0 - g.stride.0) / p, (g.tile.1 - g.stride.1) / p),
-            stride_out: (g.stride.0 / p, g.stride.1 / p),
-            size_out: (h * f / p, w * f / p),
+        let (tile_in, stride_in) = (
+            (g.tile.0 / f, g.tile.1 / f),
+            (g.stride.0 / f, g.stride.1 / f),
+        );
+        let blend = ((g.tile.0 - g.stride.0) / p, (g.tile.1 - g.stride.1) / p);
+        let stride_out = (g.stride.0 / p, g.stride.1 / p);
+        let size_out = (h * f / p, w * f / p);
+        // The last `n` rows (dim 2) or columns (dim 3) of a frame, as a tensor of their own.
+        let last = |t: &Tensor, dim: usize, n: usize| -> Result<Tensor> {
+            let len = t.dim(dim)?;
+            let n = n.min(len);
+            Ok(t.narrow(dim, len - n, n)?.contiguous()?)
         };
-        let t_out = self.cfg.decoded_frames(t);
-        let c_out = self.cfg.out_channels;
-        let video = Tensor::zeros(
-            (b, self.cfg.image_out_channels(), t_out, h * f, w * f),
-            z.dtype(),
-            z.device(),
-        )?;
-        tiled(
-            (h, w),
-            &geo,
-            &mut |i, j, th, tw| {
-                let tile = z.narrow(3, i, th)?.narrow(4, j, tw)?;
-                let s = f / p;
-                let out = Tensor::zeros((b, c_out, t_out, th * s, tw * s), z.dtype(), z.device())?;
-                let mut next = 0;
+        // Per column of the row above: its tile's bottom strip, per frame.
+        let mut above: Vec<Vec<Option<Tensor>>> = Vec::new();
+        for (ii, i) in (0..h).step_by(stride_in.0).enumerate() {
+            let y_out = ii * stride_out.0;
+            let mut bottoms = Vec::new();
+            let mut left: Vec<Option<Tensor>> = Vec::new();
+            for (jj, j) in (0..w).step_by(stride_in.1).enumerate() {
+                let x_out = jj * stride_out.1;
+                let tile =
+                    z.narrow(3, i, tile_in.0.min(h - i))?
+                        .narrow(4, j, tile_in.1.min(w - j))?;
+                let mut up = above.get_mut(jj).map(std::mem::take).unwrap_or_default();
+                let (mut bottom, mut right) = (Vec::new(), Vec::new());
+                let mut k = 0;
                 self.stream_decode(&tile, mem.decode_chunk, &mut |frames| {
-                    for fr in frames {
-                        out.slice_set(&fr.unsqueeze(2)?, 2, next)?;
-                        next += 1;
+                    for mut fr in frames {
+                        if let Some(a) = up.get_mut(k).and_then(Option::take) {
+                            fr = blend_v(&a, &fr, blend.0)?;
+                        }
+                        if let Some(l) = left.get_mut(k).and_then(Option::take) {
+                            fr = blend_h(&l, &fr, blend.1)?;
+                        }
+                        bottom.push(Some(last(&fr, 2, blend.0)?));
+                        right.push(Some(last(&fr, 3, blend.1)?));
+                        let (th, tw) = (fr.dim(2)?, fr.dim(3)?);
+                        let rows = stride_out.0.min(th).min(size_out.0 - y_out);
+                        let cols = stride_out.1.min(tw).min(size_out.1 - x_out);
+                        let piece = fr.narrow(2, 0, rows)?.narrow(3, 0, cols)?;
+                        let piece = unpatchify(&piece, p)?.clamp(-1f32, 1f32)?;
+                        sink([0, 0, k, y_out * p, x_out * p], piece.unsqueeze(2)?)?;
+                        k += 1;
                     }
                     Ok(())
                 })?;
-                Ok(out)
-            },
-            &mut |y0, row| {
-                // Finished rows go into the video and are dropped.
-                let row = unpatchify(&row, p)?.clamp(-1f32, 1f32)?.contiguous()?;
-                Ok(video.slice_set(&row, 3, y0 * p)?)
-            },
-        )?;
-        Ok(video)
+                bottoms.push(bottom);
+                left = right;
+            }
+            above = bottoms;
+        }
+        Ok(())
     }
 
     /// Encodes with a memory plan; see [`AutoencoderKLWan::encode`].
@@ -557,13 +607,19 @@ impl AutoencoderKLWan {
         let video = b * cfg.image_out_channels() as f64 * t_out * hf * f * wf * f * 4.0;
         let output = match tiling {
             Some(g) => {
-                // Per output pixel of the whole video's length (patchified channels): the
-                // current row cropped to the stride, the bottom strips of the row above, and a
-                // tile with its blended copy.
-                let px = b * cfg.out_channels as f64 * t_out * 4.0;
-                let (bh, sh) = ((g.tile.0 - g.stride.0) as f64 / p, g.stride.0 as f64 / p);
-                let tile = (th as f64 * f / p) * (tw as f64 * f / p);
-                video + ((bh + sh) * (wf * f / p) + 2.0 * tile) * px
+                // The blend strips, per frame of the whole video's length (patchified
+                // channels): the bottom strips of one row of tiles (and the current tile's) and
+                // the right strip of the tile to the left; and one frame of a tile with its
+                // blended copy.
+                let px = b * cfg.out_channels as f64 * 4.0;
+                let (bh, bw) = (
+                    (g.tile.0 - g.stride.0) as f64 / p,
+                    (g.tile.1 - g.stride.1) as f64 / p,
+                );
+                let (tile_h, tile_w) = (th as f64 * f / p, tw as f64 * f / p);
+                let cols = w.div_ceil(g.stride.1 / cfg.spatial_factor()) as f64;
+                let strips = (bh * (cols + 1.0) * tile_w + tile_h * bw) * t_out;
+                video + (strips + 2.0 * tile_h * tile_w) * px
             }
             None => video,
         };
@@ -711,6 +767,7 @@ struct Geometry {
     size_out: (usize, usize),
 }
 
+/// The encoder's tiling (the decoder blends frame by frame in `decode_tiled`).
 /// Runs `run(y, x, th, tw)` over overlapping tiles of an `(h, w)` input in row-major order,
 /// blends each output tile `(B, C, T, th', tw')` with the (already blended) tile above and to
 /// the left, crops it to the output stride and hands each finished row, cropped to the output
