@@ -11,6 +11,7 @@ pub mod io;
 pub mod layers;
 pub mod models;
 pub mod pipelines;
+pub mod profile;
 pub mod residency;
 pub mod rng;
 pub mod schedulers;

@@ -322,6 +322,7 @@ fn main() -> ExitCode {
         Command::Generate(args) => generate(*args),
         Command::Vae { command } => vae(*command),
     };
+    eprint!("{}", lowtide::profile::report());
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -41,7 +41,10 @@ pub fn attention_scaled(
     scale: f64,
 ) -> Result<Tensor> {
     if matches!(q.device(), Device::Cpu) {
-        attention_flash(q, k, v, mask, scale)
+        crate::profile::span(
+            || format!("attention q {:?} k {:?}", q.dims(), k.dims()),
+            || attention_flash(q, k, v, mask, scale),
+        )
     } else {
         attention_chunked(q, k, v, mask, scale)
     }

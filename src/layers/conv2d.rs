@@ -335,15 +335,77 @@ fn run(
 ) -> Result<Vec<f32>> {
     let (s, groups, pad) = (spec.stride, spec.groups, spec.padding);
     let u = pro.upsample.max(1);
+    let h_out = (h0 * u + pad.top + pad.bottom - k) / s + 1;
+    let w_out = (w0 * u + pad.left + pad.right - k) / s + 1;
+    let kernel = if super::winograd::takes(k, s, groups, h_out, w_out) {
+        Kernel::Winograd
+    } else if im2col_fits(n, c_in, c_out, k, h_out, w_out) {
+        Kernel::Im2col
+    } else {
+        Kernel::Direct
+    };
+    run_with(
+        kernel,
+        xs,
+        ws,
+        bias,
+        residual,
+        pro,
+        spec,
+        (n, c_in, h0, w0),
+        (c_out, k),
+    )
+}
+
+/// The three CPU conv kernels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kernel {
+    /// F(4×4, 3×3) Winograd: stride-1 3×3 convs on maps of at least 16 tiles.
+    Winograd,
+    /// One im2col matrix for the whole batch and one GEMM per group against the weights as
+    /// stored: small maps (the UNet's 8×8 and 4×4 levels), where the direct kernel's per-tap,
+    /// per-image products re-pack a strided slice of the weights each time and the packing
+    /// costs more than the arithmetic (4×4 × 1280 channels: ~4x slower than this).
+    Im2col,
+    /// k² products against shifted views of the input, in bounded row chunks: large maps.
+    Direct,
+}
+
+/// Whether the im2col matrix (`c_in·k² × pixels of the batch`) and its accumulator each fit in
+/// the chunk budget.
+fn im2col_fits(n: usize, c_in: usize, c_out: usize, k: usize, h_out: usize, w_out: usize) -> bool {
+    let m = n * h_out * w_out;
+    c_in.saturating_mul(k * k)
+        .saturating_mul(m)
+        .saturating_mul(4)
+        <= CHUNK_BYTES
+        && c_out.saturating_mul(m).saturating_mul(4) <= CHUNK_BYTES
+}
+
+/// [`run`] with the kernel chosen by the caller (tests run each on the same cases).
+#[allow(clippy::too_many_arguments)]
+fn run_with(
+    kernel: Kernel,
+    xs: &[f32],
+    ws: &[f32],
+    bias: Option<&[f32]>,
+    residual: Option<&[f32]>,
+    pro: &Prologue,
+    spec: &ConvSpec,
+    (n, c_in, h0, w0): (usize, usize, usize, usize),
+    (c_out, k): (usize, usize),
+) -> Result<Vec<f32>> {
+    let (s, groups, pad) = (spec.stride, spec.groups, spec.padding);
+    let u = pro.upsample.max(1);
     let (h, wd) = (h0 * u, w0 * u);
     let h_out = (h + pad.top + pad.bottom - k) / s + 1;
     let w_out = (wd + pad.left + pad.right - k) / s + 1;
-    // Tap (ky, kx) = (s·qy + ry, s·qx + rx) reads phase (ry, rx) shifted by (qy, qx).
+    // Direct kernel: tap (ky, kx) = (s·qy + ry, s·qx + rx) reads phase (ry, rx) shifted by
+    // (qy, qx).
     let qmax = (k - 1) / s;
     let wq = w_out + qmax; // phase row width = accumulator row width
     let slack = qmax; // the last tap of the last junk column reads this far past the rows
     let (c_in_g, c_out_g) = (c_in / groups, c_out / groups);
-
     // Rows per chunk: s² phases of c_in × (rows + qmax) × wq, plus the c_out × rows × wq output.
     let per_row = (c_in * s * s + c_out) * wq * 4;
     let rows = (CHUNK_BYTES / per_row.max(1)).clamp(1, h_out);
@@ -353,13 +415,20 @@ fn run(
     } else {
         Parallelism::None
     };
-
     let mut out = vec![0f32; n * c_out * h_out * w_out];
-    if super::winograd::takes(k, s, groups, h_out, w_out) {
-        let x_dims = (n, c_in, h0, w0);
-        #[rustfmt::skip]
-        super::winograd::run(&[xs], &[ws], bias, residual, &mut out, pro, pad, x_dims, c_out, (h_out, w_out), super::winograd::BUDGET);
-        return Ok(out);
+    match kernel {
+        Kernel::Winograd => {
+            let x_dims = (n, c_in, h0, w0);
+            #[rustfmt::skip]
+            super::winograd::run(&[xs], &[ws], bias, residual, &mut out, pro, pad, x_dims, c_out, (h_out, w_out), super::winograd::BUDGET);
+            return Ok(out);
+        }
+        Kernel::Im2col => {
+            #[rustfmt::skip]
+            im2col(xs, ws, bias, residual, &mut out, pro, spec, (n, c_in, h0, w0), (c_out, k), (h_out, w_out), par);
+            return Ok(out);
+        }
+        Kernel::Direct => {}
     }
     let mut inp = Vec::<f32>::new();
     let mut acc = Vec::<f32>::new();
@@ -475,11 +544,142 @@ fn run(
     Ok(out)
 }
 
+/// The im2col kernel (see [`Kernel::Im2col`]): `col` holds, for input channel `ci` and tap
+/// `(ky, kx)`, row `(ci·k + ky)·k + kx` — the weights' own column order — over the batch's
+/// output pixels, the prologue applied and padding zero; then per group
+/// `acc (c_out_g × pixels) += W_g (c_out_g × c_in_g·k²) · col_g`, the accumulator starting at
+/// bias + residual, and a scatter to (n, c_out, h_out, w_out).
+#[allow(clippy::too_many_arguments)]
+fn im2col(
+    xs: &[f32],
+    ws: &[f32],
+    bias: Option<&[f32]>,
+    residual: Option<&[f32]>,
+    out: &mut [f32],
+    pro: &Prologue,
+    spec: &ConvSpec,
+    (n, c_in, h0, w0): (usize, usize, usize, usize),
+    (c_out, k): (usize, usize),
+    (h_out, w_out): (usize, usize),
+    par: Parallelism,
+) {
+    let (s, groups, pad) = (spec.stride, spec.groups, spec.padding);
+    let u = pro.upsample.max(1);
+    let (h, wd) = (h0 * u, w0 * u);
+    let (hw, plane) = (h_out * w_out, h0 * w0);
+    let m = n * hw;
+    let kk = k * k;
+    let mut col = vec![0f32; c_in * kk * m];
+    // One task per input channel: its k² rows, for every image of the batch.
+    col.par_chunks_mut(kk * m)
+        .enumerate()
+        .for_each(|(ci, rows)| {
+            let mut src = vec![0f32; plane];
+            for b in 0..n {
+                src.copy_from_slice(&xs[(b * c_in + ci) * plane..][..plane]);
+                if let Some((a, sh)) = &pro.affine {
+                    let (a, sh) = (a[b * c_in + ci], sh[b * c_in + ci]);
+                    for v in src.iter_mut() {
+                        *v = *v * a + sh;
+                    }
+                }
+                if pro.silu {
+                    for v in src.iter_mut() {
+                        *v /= 1.0 + (-*v).exp();
+                    }
+                }
+                for ky in 0..k {
+                    for kx in 0..k {
+                        let row = &mut rows[(ky * k + kx) * m + b * hw..][..hw];
+                        for oy in 0..h_out {
+                            let iy = (oy * s + ky) as isize - pad.top as isize;
+                            if iy < 0 || iy >= h as isize {
+                                continue;
+                            }
+                            let src_row = &src[(iy as usize / u) * w0..][..w0];
+                            for ox in 0..w_out {
+                                let ix = (ox * s + kx) as isize - pad.left as isize;
+                                if ix >= 0 && ix < wd as isize {
+                                    row[oy * w_out + ox] = src_row[ix as usize / u];
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        });
+    let mut acc = vec![0f32; c_out * m];
+    for (co, row) in acc.chunks_mut(m).enumerate() {
+        let b0 = bias.map_or(0.0, |b| b[co]);
+        for b in 0..n {
+            let dst = &mut row[b * hw..][..hw];
+            match residual {
+                Some(r) => {
+                    for (o, &v) in dst.iter_mut().zip(&r[(b * c_out + co) * hw..][..hw]) {
+                        *o = v + b0;
+                    }
+                }
+                None => dst.fill(b0),
+            }
+        }
+    }
+    let (c_in_g, c_out_g) = (c_in / groups, c_out / groups);
+    let kg = c_in_g * kk;
+    for g in 0..groups {
+        // SAFETY: dst is rows g·c_out_g.. of acc (c_out × m, row stride m); lhs is group g's
+        // weights, c_out_g rows of kg contiguous values; rhs is rows g·kg.. of col (kg × m, row
+        // stride m). All lie inside their buffers; dst does not alias the inputs.
+        unsafe {
+            // gemm(m, n, k, dst, dst_cs, dst_rs, read_dst, lhs, lhs_cs, lhs_rs, rhs, rhs_cs,
+            // rhs_rs, alpha, beta, conj.., par): dst = alpha·dst + beta·lhs·rhs.
+            #[rustfmt::skip]
+            gemm(c_out_g, m, kg, acc.as_mut_ptr().add(g * c_out_g * m), 1, m as isize, true,
+                 ws.as_ptr().add(g * c_out_g * kg), 1, kg as isize,
+                 col.as_ptr().add(g * kg * m), 1, m as isize,
+                 1.0f32, 1.0f32, false, false, false, par);
+        }
+    }
+    drop(col);
+    for b in 0..n {
+        for co in 0..c_out {
+            out[(b * c_out + co) * hw..][..hw].copy_from_slice(&acc[co * m + b * hw..][..hw]);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::layers::max_abs;
     use crate::rng::TorchRng;
+
+    /// `conv2d(x, w) + b` through one chosen kernel.
+    fn conv_with(kernel: Kernel, x: &Tensor, w: &Tensor, b: &Tensor, spec: &ConvSpec) -> Tensor {
+        conv_ext_with(kernel, x, w, b, spec, &Prologue::default(), None)
+    }
+
+    /// `conv2d(prologue(x), w) + b + residual` through one chosen kernel.
+    fn conv_ext_with(
+        kernel: Kernel,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        spec: &ConvSpec,
+        pro: &Prologue,
+        residual: Option<&Tensor>,
+    ) -> Tensor {
+        let (n, c_in, h, wd) = x.dims4().unwrap();
+        let (c_out, _, k, _) = w.dims4().unwrap();
+        let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let (xs, ws, bs) = (flat(x), flat(w), b.to_vec1::<f32>().unwrap());
+        let rs = residual.map(flat);
+        let (p, u) = (spec.padding, pro.upsample.max(1));
+        let h_out = (h * u + p.top + p.bottom - k) / spec.stride + 1;
+        let w_out = (wd * u + p.left + p.right - k) / spec.stride + 1;
+        #[rustfmt::skip]
+        let out = run_with(kernel, &xs, &ws, Some(&bs), rs.as_deref(), pro, spec, (n, c_in, h, wd), (c_out, k)).unwrap();
+        Tensor::from_vec(out, (n, c_out, h_out, w_out), &Device::Cpu).unwrap()
+    }
 
     /// candle's conv2d on an explicitly padded input: the reference.
     fn reference(x: &Tensor, w: &Tensor, b: &Tensor, spec: &ConvSpec) -> Tensor {
@@ -531,19 +731,27 @@ mod tests {
             let x = x.transpose(2, 3).unwrap();
             let wt = Tensor::randn(0f32, 0.3, (c_out, c_in / groups, k, k), &dev).unwrap();
             let b = Tensor::randn(0f32, 0.3, c_out, &dev).unwrap();
-            let ours = conv2d(&x, &wt, Some(&b), &spec).unwrap();
             let theirs = reference(&x, &wt, &b, &spec);
-            assert_eq!(ours.dims(), theirs.dims(), "case {case} {spec:?}");
-            let diff = max_abs(&(&ours - &theirs).unwrap());
-            assert!(
-                diff <= 1e-5 * max_abs(&theirs).max(1.0),
-                "case {case} n{n} c{c_in}->{c_out} k{k} {spec:?} {h}x{w}: {diff}"
-            );
+            // The kernel `conv2d` picks, then each general kernel on the same case.
+            let ours = [
+                conv2d(&x, &wt, Some(&b), &spec).unwrap(),
+                conv_with(Kernel::Direct, &x, &wt, &b, &spec),
+                conv_with(Kernel::Im2col, &x, &wt, &b, &spec),
+            ];
+            for (ours, kernel) in ours.iter().zip(["auto", "direct", "im2col"]) {
+                assert_eq!(ours.dims(), theirs.dims(), "case {case} {spec:?}");
+                let diff = max_abs(&(ours - &theirs).unwrap());
+                assert!(
+                    diff <= 1e-5 * max_abs(&theirs).max(1.0),
+                    "case {case} {kernel} n{n} c{c_in}->{c_out} k{k} {spec:?} {h}x{w}: {diff}"
+                );
+            }
         }
     }
 
-    /// Both GEMM orientations (fewer pixels than output channels, and more) and chunks of at
-    /// least 8 pixel blocks, which are split across threads with a narrower last block.
+    /// The direct kernel's two GEMM orientations (fewer pixels than output channels, and more)
+    /// and chunks of at least 8 pixel blocks, which are split across threads with a narrower
+    /// last block; the im2col kernel on the same cases.
     #[test]
     fn both_orientations_and_split_chunks_match_candle() {
         let dev = Device::Cpu;
@@ -556,10 +764,15 @@ mod tests {
             let x = Tensor::randn(0f32, 1.0, (2, c_in, hw, hw), &dev).unwrap();
             let wt = Tensor::randn(0f32, 0.3, (c_out, c_in / spec.groups, 3, 3), &dev).unwrap();
             let b = Tensor::randn(0f32, 0.3, c_out, &dev).unwrap();
-            let ours = conv2d(&x, &wt, Some(&b), &spec).unwrap();
             let theirs = reference(&x, &wt, &b, &spec);
-            let diff = max_abs(&(&ours - &theirs).unwrap());
-            assert!(diff <= 1e-5 * max_abs(&theirs).max(1.0), "{spec:?}: {diff}");
+            for kernel in [Kernel::Direct, Kernel::Im2col] {
+                let ours = conv_with(kernel, &x, &wt, &b, &spec);
+                let diff = max_abs(&(&ours - &theirs).unwrap());
+                assert!(
+                    diff <= 1e-5 * max_abs(&theirs).max(1.0),
+                    "{kernel:?} {spec:?}: {diff}"
+                );
+            }
         }
     }
 
@@ -600,8 +813,13 @@ mod tests {
                 let res = Tensor::randn(0f32, 1.0, conv.dims(), &dev).unwrap();
                 let want = (&conv + &res).unwrap();
                 let got = conv2d_ext(&x, &wt, Some(&b), &spec, &pro, Some(&res)).unwrap();
-                let d = max_abs(&(got - want).unwrap());
+                let d = max_abs(&(got - &want).unwrap());
                 assert!(d < 1e-5, "{spec:?} silu={silu} up={up}: {d}");
+                for kernel in [Kernel::Direct, Kernel::Im2col] {
+                    let got = conv_ext_with(kernel, &x, &wt, &b, &spec, &pro, Some(&res));
+                    let d = max_abs(&(got - &want).unwrap());
+                    assert!(d < 1e-5, "{kernel:?} {spec:?} silu={silu} up={up}: {d}");
+                }
             }
         }
     }

@@ -8,6 +8,7 @@ use crate::error::Result;
 pub mod attention;
 pub mod conv2d;
 pub mod conv3d;
+pub mod dense;
 pub mod embeddings;
 pub mod mlp;
 pub mod norm;
@@ -32,7 +33,15 @@ impl Linear {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let w = self.weight.get()?;
         let b = self.bias.as_ref().map(Param::get).transpose()?;
-        Ok(candle_nn::Linear::new(w, b).forward(x)?)
+        crate::profile::span(
+            || format!("linear {:?} x {:?}", x.dims(), w.dims()),
+            || {
+                if dense::supported(&[x, &w]) && b.as_ref().is_none_or(|b| dense::supported(&[b])) {
+                    return dense::linear(x, &w, b.as_ref());
+                }
+                Ok(candle_nn::Linear::new(w.clone(), b.clone()).forward(x)?)
+            },
+        )
     }
 }
 
@@ -85,7 +94,18 @@ impl Conv2d {
         let w = self.weight.get()?;
         let b = self.bias.as_ref().map(Param::get).transpose()?;
         if conv2d::supported(x, &w) {
-            return conv2d::conv2d_ext(x, &w, b.as_ref(), &self.spec, pro, residual);
+            return crate::profile::span(
+                || {
+                    format!(
+                        "conv {:?} w {:?} s{} up{}",
+                        x.dims(),
+                        w.dims(),
+                        self.spec.stride,
+                        pro.upsample
+                    )
+                },
+                || conv2d::conv2d_ext(x, &w, b.as_ref(), &self.spec, pro, residual),
+            );
         }
         let y = compose_prologue(x, pro)?;
         let p = self.spec.padding;
@@ -197,7 +217,10 @@ impl GroupNorm {
     /// The norm as per-(batch, channel) coefficients for a fused conv prologue.
     pub fn coefficients(&self, x: &Tensor) -> Result<(Vec<f32>, Vec<f32>)> {
         let (w, b) = (self.weight.get()?, self.bias.get()?);
-        norm::coefficients(x, self.groups, &w, &b, self.eps)
+        crate::profile::span(
+            || format!("group_norm stats {:?}", x.dims()),
+            || norm::coefficients(x, self.groups, &w, &b, self.eps),
+        )
     }
 
     /// `silu(group_norm(x))` in one pass where the fused kernel applies.
@@ -206,6 +229,13 @@ impl GroupNorm {
     }
 
     fn run(&self, x: &Tensor, silu: bool) -> Result<Tensor> {
+        crate::profile::span(
+            || format!("group_norm {:?} silu {silu}", x.dims()),
+            || self.run_inner(x, silu),
+        )
+    }
+
+    fn run_inner(&self, x: &Tensor, silu: bool) -> Result<Tensor> {
         if norm::supported(x) {
             let (w, b) = (self.weight.get()?, self.bias.get()?);
             return norm::group_norm(x, self.groups, &w, &b, self.eps, silu);
@@ -238,12 +268,11 @@ impl LayerNorm {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(candle_nn::ops::layer_norm(
-            x,
-            &self.weight.get()?,
-            &self.bias.get()?,
-            self.eps as f32,
-        )?)
+        let (w, b) = (self.weight.get()?, self.bias.get()?);
+        crate::profile::span(
+            || format!("layer_norm {:?}", x.dims()),
+            || Ok(candle_nn::ops::layer_norm(x, &w, &b, self.eps as f32)?),
+        )
     }
 }
 

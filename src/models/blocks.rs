@@ -85,7 +85,10 @@ impl ResnetBlock2D {
             .forward_ext(x, &silu(self.norm1.coefficients(x)?), None)?;
         if let (Some(proj), Some(t)) = (&self.time_emb_proj, temb) {
             let t = proj.forward(&t.silu()?)?.unsqueeze(2)?.unsqueeze(3)?;
-            h = h.broadcast_add(&t)?;
+            h = crate::profile::span(
+                || format!("temb add {:?}", h.dims()),
+                || h.broadcast_add(&t),
+            )?;
         }
         let pro2 = silu(self.norm2.coefficients(&h)?);
         match &self.conv_shortcut {
@@ -138,13 +141,20 @@ impl Attention {
         let hd = inner / self.heads;
         let split = |t: Tensor| -> Result<Tensor> {
             let m = t.dim(1)?;
-            Ok(t.reshape((b, m, self.heads, hd))?
-                .transpose(1, 2)?
-                .contiguous()?)
+            crate::profile::span(
+                || format!("split heads {:?}", t.dims()),
+                || {
+                    Ok(t.reshape((b, m, self.heads, hd))?
+                        .transpose(1, 2)?
+                        .contiguous()?)
+                },
+            )
         };
-        let o = attention(&split(q)?, &split(k)?, &split(v)?, None)?
-            .transpose(1, 2)?
-            .reshape((b, n, inner))?;
+        let o = attention(&split(q)?, &split(k)?, &split(v)?, None)?;
+        let o = crate::profile::span(
+            || format!("merge heads {:?}", o.dims()),
+            || o.transpose(1, 2)?.reshape((b, n, inner)),
+        )?;
         self.to_out.forward(&o)
     }
 }
@@ -199,15 +209,26 @@ impl BasicTransformerBlock {
     fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
         let n = self.norm1.forward(x)?;
         let ctx1 = self.only_cross_attention.then_some(context);
-        let x = (self.attn1.forward(&n, ctx1)? + x)?;
+        let add = |a: Tensor, b: &Tensor| {
+            crate::profile::span(|| format!("residual add {:?}", b.dims()), || a + b)
+        };
+        let x = add(self.attn1.forward(&n, ctx1)?, x)?;
         let n = self.norm2.forward(&x)?;
-        let x = (self.attn2.forward(&n, Some(context))? + x)?;
+        let x = add(self.attn2.forward(&n, Some(context))?, &x)?;
         let n = self.norm3.forward(&x)?;
         let p = self.ff_proj.forward(&n)?;
         let half = p.dim(2)? / 2;
-        let (hidden, gate) = (p.narrow(2, 0, half)?, p.narrow(2, half, half)?);
-        let ff = self.ff_out.forward(&(hidden * gate.gelu_erf()?)?)?;
-        Ok((ff + x)?)
+        let g = crate::profile::span(
+            || format!("geglu {:?}", p.dims()),
+            || -> Result<Tensor> {
+                if crate::layers::dense::supported(&[&p]) {
+                    return crate::layers::dense::geglu(&p);
+                }
+                Ok((p.narrow(2, 0, half)? * p.narrow(2, half, half)?.gelu_erf()?)?)
+            },
+        )?;
+        let ff = self.ff_out.forward(&g)?;
+        Ok(add(ff, &x)?)
     }
 }
 
@@ -282,7 +303,10 @@ impl Transformer2D {
         let x = self.norm.forward(x)?;
         let to_seq = |t: Tensor| -> Result<Tensor> {
             let inner = t.dim(1)?;
-            Ok(t.permute((0, 2, 3, 1))?.reshape((b, h * w, inner))?)
+            crate::profile::span(
+                || format!("to_seq {:?}", t.dims()),
+                || Ok(t.permute((0, 2, 3, 1))?.reshape((b, h * w, inner))?),
+            )
         };
         let mut s = match &self.proj_in {
             Proj::Conv(conv) => to_seq(conv.forward(&x)?)?,
@@ -293,16 +317,24 @@ impl Transformer2D {
         }
         let from_seq = |t: Tensor| -> Result<Tensor> {
             let inner = t.dim(2)?;
-            Ok(t.reshape((b, h, w, inner))?
-                .permute((0, 3, 1, 2))?
-                .contiguous()?)
+            crate::profile::span(
+                || format!("from_seq {:?}", t.dims()),
+                || {
+                    Ok(t.reshape((b, h, w, inner))?
+                        .permute((0, 3, 1, 2))?
+                        .contiguous()?)
+                },
+            )
         };
         let out = match &self.proj_out {
             Proj::Conv(conv) => conv.forward(&from_seq(s)?)?,
             Proj::Linear(lin) => from_seq(lin.forward(&s)?)?,
         };
         debug_assert_eq!(out.dims4()?, (b, c, h, w));
-        Ok((out + residual)?)
+        crate::profile::span(
+            || format!("residual add {:?}", residual.dims()),
+            || Ok((out + residual)?),
+        )
     }
 }
 
