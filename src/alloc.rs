@@ -97,3 +97,15 @@ unsafe impl GlobalAlloc for Inner {
         }
     }
 }
+
+/// Hands the memory mimalloc holds freed but committed (up to the purge delay above) back to the
+/// OS now: for the points where one phase's buffers are all dropped and the next phase allocates
+/// buffers of other sizes (a tiled decode moving to a tile of another size), which would
+/// otherwise come on top of the lingering ones. A no-op with the system allocator, or where
+/// lowtide is used as a library under another allocator (mimalloc then holds nothing).
+pub fn release_free_memory() {
+    if CHOICE.load(Relaxed) == MI {
+        // SAFETY: a plain call into mimalloc, valid at any time.
+        unsafe { libmimalloc_sys::mi_collect(true) };
+    }
+}

@@ -47,6 +47,15 @@ impl FeatCache {
         self.idx = 0;
     }
 
+    /// The cursor, to run the same convs again on the next frames with [`FeatCache::seek`].
+    pub fn position(&self) -> usize {
+        self.idx
+    }
+
+    pub fn seek(&mut self, idx: usize) {
+        self.idx = idx;
+    }
+
     fn next(&mut self) -> &mut Slot {
         if self.idx == self.slots.len() {
             self.slots.push(Slot::Empty);

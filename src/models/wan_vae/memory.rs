@@ -476,6 +476,8 @@ impl AutoencoderKLWan {
                 })?;
                 bottoms.push(bottom);
                 left = right;
+                // The tile's cache and activations are gone; the next tile may be another size.
+                crate::alloc::release_free_memory();
             }
             above = bottoms;
         }
@@ -681,7 +683,23 @@ impl AutoencoderKLWan {
         let mut cache = cache_t * (frame(cfg.z_dim as f64, px) + 4.0 * frame(dims[0], px));
         let mut work = 3.0 * chunk * frame(dims[0], px);
         let (mut fr, mut px) = (chunk, px);
+        // From the first up block past the last temporal upsampler on, frames go one at a time
+        // while the chunk's frames at that point wait (`decode_chunk`).
+        let per_frame_from = (0..n)
+            .rev()
+            .find(|&i| i + 1 < n && t_up[i])
+            .map_or(0, |i| i + 1);
+        let (mut held, mut held_frames) = (0.0, fr);
         for i in 0..n {
+            if i == per_frame_from {
+                let c = if i > 0 && !cfg.is_residual {
+                    (dims[i] / 2.0).floor()
+                } else {
+                    dims[i]
+                };
+                (held, held_frames) = (fr * frame(c, px), fr);
+                fr = 1.0;
+            }
             let out = dims[i + 1];
             let inp = if i > 0 && !cfg.is_residual {
                 (dims[i] / 2.0).floor()
@@ -690,7 +708,7 @@ impl AutoencoderKLWan {
             };
             // The first block's conv1 reads `inp` channels; every other conv reads `out`.
             cache += cache_t * (frame(inp, px) + (1.0 + 2.0 * nrb) * frame(out, px));
-            work = work.max(fr * (2.0 * frame(inp.max(out), px) + frame(out, px)));
+            work = work.max(held + fr * (2.0 * frame(inp.max(out), px) + frame(out, px)));
             if i + 1 < n {
                 if t_up[i] {
                     cache += cache_t * frame(out, px);
@@ -701,14 +719,17 @@ impl AutoencoderKLWan {
                 px *= 4.0;
                 if cfg.is_residual {
                     // The shortcut's expansion next to the upsampled main path.
-                    work = work.max(3.0 * fr * frame(out, px));
+                    work = work.max(held + 3.0 * fr * frame(out, px));
                 }
             }
         }
         // norm_out + conv_out at full resolution.
         let last = dims[n];
         cache += cache_t * frame(last, px);
-        work = work.max(fr * (2.0 * frame(last, px) + frame(cfg.out_channels as f64, px)));
+        // ... and the frames already through it.
+        let done = held_frames * frame(cfg.out_channels as f64, px);
+        let head = fr * (2.0 * frame(last, px) + frame(cfg.out_channels as f64, px));
+        work = work.max(held + done + head);
         (cache, work)
     }
 
