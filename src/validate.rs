@@ -158,8 +158,25 @@ pub struct Need {
 /// Refuses a run whose estimated peak (the sum of `needs`, in f64 so absurd sizes cannot
 /// overflow) exceeds the memory available, before anything is allocated.
 pub fn fits_in_memory(needs: &[Need], hint: &str) -> Result<()> {
+    fits_in(needs, available_memory(), "", hint)
+}
+
+/// [`fits_in_memory`] against the free memory of the execution device: a CUDA device's
+/// `cuMemGetInfo` (what the GPU can still give, whatever other processes hold), the host's
+/// memory for the CPU. Where the device cannot tell, nothing is refused.
+pub fn fits_on_device(device: &candle_core::Device, needs: &[Need], hint: &str) -> Result<()> {
+    match crate::device::device_memory(device) {
+        Some(m) => fits_in(needs, Some(m.free_bytes), " of device memory", hint),
+        None if device.is_cpu() => fits_in_memory(needs, hint),
+        None => Ok(()),
+    }
+}
+
+/// Refuses `needs` above `available` bytes (`None`: unknown, nothing refused); `of` says whose
+/// memory it is in the message.
+pub fn fits_in(needs: &[Need], available: Option<u64>, of: &str, hint: &str) -> Result<()> {
     let total: f64 = needs.iter().map(|n| n.bytes).sum();
-    let Some(avail) = available_memory() else {
+    let Some(avail) = available else {
         return Ok(());
     };
     if total > avail as f64 {
@@ -172,9 +189,49 @@ pub fn fits_in_memory(needs: &[Need], hint: &str) -> Result<()> {
         return Err(Error::InsufficientMemory {
             what: format!("this run ({parts})"),
             needed: human_bytes(total),
-            available: format!("{} are available;", human_bytes(avail as f64)),
+            available: format!("{}{of} are available;", human_bytes(avail as f64)),
             hint: hint.to_string(),
         });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_checks_name_whose_memory_is_short() {
+        let needs = [
+            Need {
+                what: "weights",
+                bytes: 3.0 * 1024.0 * 1024.0 * 1024.0,
+            },
+            Need {
+                what: "VAE decode",
+                bytes: 1024.0 * 1024.0 * 1024.0,
+            },
+        ];
+        let gib = 1u64 << 30;
+        assert!(fits_in(&needs, Some(4 * gib), "", "hint").is_ok());
+        assert!(fits_in(&needs, None, "", "hint").is_ok());
+        let e = fits_in(&needs, Some(2 * gib), " of device memory", "use offload")
+            .unwrap_err()
+            .to_string();
+        for part in [
+            "weights 3.0 GiB",
+            "VAE decode 1.0 GiB",
+            "of device memory",
+            "use offload",
+        ] {
+            assert!(e.contains(part), "{part:?} missing from: {e}");
+        }
+        // The CPU is checked against the host's memory; an absurd need is refused there.
+        let huge = [Need {
+            what: "weights",
+            bytes: 1e30,
+        }];
+        assert!(fits_on_device(&candle_core::Device::Cpu, &huge, "h").is_err());
+        assert!(fits_on_device(&candle_core::Device::Cpu, &needs[1..], "h").is_ok());
+    }
 }

@@ -412,7 +412,7 @@ struct Step<'a> {
 
 /// The vector instructions the softmax step is compiled for, chosen at run time.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Isa {
+pub(crate) enum Isa {
     #[cfg(target_arch = "x86_64")]
     Avx512,
     #[cfg(target_arch = "x86_64")]
@@ -421,7 +421,7 @@ enum Isa {
 }
 
 impl Isa {
-    fn detect() -> Self {
+    pub(crate) fn detect() -> Self {
         #[cfg(target_arch = "x86_64")]
         {
             let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
@@ -437,7 +437,7 @@ impl Isa {
 
     /// Every variant this CPU can run (tests compare them).
     #[cfg(test)]
-    fn available() -> Vec<Self> {
+    pub(crate) fn available() -> Vec<Self> {
         #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
         let mut all = vec![Isa::Baseline];
         #[cfg(target_arch = "x86_64")]
@@ -551,7 +551,7 @@ fn softmax_tile<const FMA: bool>(st: Step) {
 
 /// `a·b + c`, fused where `FMA`.
 #[inline(always)]
-fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
+pub(crate) fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
     if FMA {
         a.mul_add(b, c)
     } else {
@@ -565,7 +565,7 @@ fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
 /// returns 0: such terms are < 2e-35 of the softmax's largest (which is 1), and clamping keeps
 /// the arithmetic away from denormals, which are slow. NaN stays NaN.
 #[inline(always)]
-fn exp<const FMA: bool>(x: f32) -> f32 {
+pub(crate) fn exp<const FMA: bool>(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     // ln 2 split so that n·LN2_HI is exact.
     const LN2_HI: f32 = 0.693_359_4;

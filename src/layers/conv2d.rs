@@ -625,20 +625,38 @@ fn im2col(
     }
     let (c_in_g, c_out_g) = (c_in / groups, c_out / groups);
     let kg = c_in_g * kk;
-    for g in 0..groups {
-        // SAFETY: dst is rows g·c_out_g.. of acc (c_out × m, row stride m); lhs is group g's
-        // weights, c_out_g rows of kg contiguous values; rhs is rows g·kg.. of col (kg × m, row
-        // stride m). All lie inside their buffers; dst does not alias the inputs.
+    // Few pixels: each thread takes a slice of the output channels (packing only its rows of
+    // the weights) rather than gemm splitting one product, as for the linears (`dense.rs`).
+    let threads = candle_core::utils::get_num_threads();
+    let parts = if m < 1024 && threads > 1 && c_out_g >= 32 {
+        threads
+    } else {
+        1
+    };
+    let rows = c_out_g.div_ceil(parts);
+    let accp = AccPtr(acc.as_mut_ptr());
+    let tasks: Vec<(usize, usize)> = (0..groups)
+        .flat_map(|g| (0..c_out_g).step_by(rows).map(move |r0| (g, r0)))
+        .collect();
+    tasks.into_par_iter().for_each(|(g, r0)| {
+        let nr = rows.min(c_out_g - r0);
+        let acc = accp;
+        let co = g * c_out_g + r0;
+        let par = if parts > 1 { Parallelism::None } else { par };
+        // SAFETY: dst is rows co..co + nr of acc (c_out × m, row stride m), disjoint between
+        // tasks; lhs is the same rows of the weights (group g's, kg contiguous values each); rhs
+        // is rows g·kg.. of col (kg × m, row stride m). All lie inside their buffers; dst does
+        // not alias the inputs.
         unsafe {
             // gemm(m, n, k, dst, dst_cs, dst_rs, read_dst, lhs, lhs_cs, lhs_rs, rhs, rhs_cs,
             // rhs_rs, alpha, beta, conj.., par): dst = alpha·dst + beta·lhs·rhs.
             #[rustfmt::skip]
-            gemm(c_out_g, m, kg, acc.as_mut_ptr().add(g * c_out_g * m), 1, m as isize, true,
-                 ws.as_ptr().add(g * c_out_g * kg), 1, kg as isize,
+            gemm(nr, m, kg, acc.0.add(co * m), 1, m as isize, true,
+                 ws.as_ptr().add(co * kg), 1, kg as isize,
                  col.as_ptr().add(g * kg * m), 1, m as isize,
                  1.0f32, 1.0f32, false, false, false, par);
         }
-    }
+    });
     drop(col);
     for b in 0..n {
         for co in 0..c_out {

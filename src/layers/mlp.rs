@@ -50,6 +50,9 @@ impl FeedForward {
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         // candle's `gelu` is the tanh approximation (torch's `approximate="tanh"`).
-        self.out.forward(&self.proj.forward(x)?.gelu()?)
+        let h = self
+            .proj
+            .forward_ext(x, super::dense::Epilogue::GeluTanh, None)?;
+        self.out.forward(&h)
     }
 }

@@ -31,15 +31,34 @@ impl Linear {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_ext(x, dense::Epilogue::None, None)
+    }
+
+    /// The layer followed by `epilogue`, plus `residual`, fused into the GEMM on the CPU.
+    pub fn forward_ext(
+        &self,
+        x: &Tensor,
+        epilogue: dense::Epilogue,
+        residual: Option<&Tensor>,
+    ) -> Result<Tensor> {
         let w = self.weight.get()?;
         let b = self.bias.as_ref().map(Param::get).transpose()?;
         crate::profile::span(
-            || format!("linear {:?} x {:?}", x.dims(), w.dims()),
+            || format!("linear {:?} x {:?} {epilogue:?}", x.dims(), w.dims()),
             || {
-                if dense::supported(&[x, &w]) && b.as_ref().is_none_or(|b| dense::supported(&[b])) {
-                    return dense::linear(x, &w, b.as_ref());
+                let all = [Some(x), Some(&w), b.as_ref(), residual];
+                if dense::supported(&all.into_iter().flatten().collect::<Vec<_>>()) {
+                    return dense::linear_ext(x, &w, b.as_ref(), epilogue, residual);
                 }
-                Ok(candle_nn::Linear::new(w.clone(), b.clone()).forward(x)?)
+                let y = candle_nn::Linear::new(w.clone(), b.clone()).forward(x)?;
+                let y = match epilogue {
+                    dense::Epilogue::None => y,
+                    dense::Epilogue::GeluTanh => y.gelu()?,
+                };
+                Ok(match residual {
+                    Some(r) => (y + r)?,
+                    None => y,
+                })
             },
         )
     }

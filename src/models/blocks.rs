@@ -132,6 +132,16 @@ impl Attention {
     }
 
     pub fn forward(&self, x: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
+        self.forward_residual(x, context, None)
+    }
+
+    /// `residual + attention(x)`, the sum made by the output projection's GEMM.
+    pub fn forward_residual(
+        &self,
+        x: &Tensor,
+        context: Option<&Tensor>,
+        residual: Option<&Tensor>,
+    ) -> Result<Tensor> {
         let ctx = context.unwrap_or(x);
         let (b, n, _) = x.dims3()?;
         let q = self.to_q.forward(x)?;
@@ -155,7 +165,8 @@ impl Attention {
             || format!("merge heads {:?}", o.dims()),
             || o.transpose(1, 2)?.reshape((b, n, inner)),
         )?;
-        self.to_out.forward(&o)
+        self.to_out
+            .forward_ext(&o, crate::layers::dense::Epilogue::None, residual)
     }
 }
 
@@ -209,12 +220,9 @@ impl BasicTransformerBlock {
     fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
         let n = self.norm1.forward(x)?;
         let ctx1 = self.only_cross_attention.then_some(context);
-        let add = |a: Tensor, b: &Tensor| {
-            crate::profile::span(|| format!("residual add {:?}", b.dims()), || a + b)
-        };
-        let x = add(self.attn1.forward(&n, ctx1)?, x)?;
+        let x = self.attn1.forward_residual(&n, ctx1, Some(x))?;
         let n = self.norm2.forward(&x)?;
-        let x = add(self.attn2.forward(&n, Some(context))?, &x)?;
+        let x = self.attn2.forward_residual(&n, Some(context), Some(&x))?;
         let n = self.norm3.forward(&x)?;
         let p = self.ff_proj.forward(&n)?;
         let half = p.dim(2)? / 2;
@@ -227,8 +235,8 @@ impl BasicTransformerBlock {
                 Ok((p.narrow(2, 0, half)? * p.narrow(2, half, half)?.gelu_erf()?)?)
             },
         )?;
-        let ff = self.ff_out.forward(&g)?;
-        Ok(add(ff, &x)?)
+        self.ff_out
+            .forward_ext(&g, crate::layers::dense::Epilogue::None, Some(&x))
     }
 }
 

@@ -371,7 +371,9 @@ impl SingleBlock {
         // AdaLayerNormZeroSingle: shift, scale, gate.
         let m = self.norm.forward(temb_silu)?.chunk(3, 1)?;
         let h = modulate(x, &m[0], &m[1])?;
-        let mlp = self.proj_mlp.forward(&h)?.gelu()?;
+        let mlp = self
+            .proj_mlp
+            .forward_ext(&h, crate::layers::dense::Epilogue::GeluTanh, None)?;
         let (q, k, v) = self.qkv.forward(&h, self.hd)?;
         drop(h);
         let attn = rope_attention(&q, &k, &v, rope)?;

@@ -20,7 +20,7 @@ use crate::residency::{
 };
 use crate::rng::TorchRng;
 use crate::schedulers::Scheduler;
-use crate::validate::{fits_in_memory, Need};
+use crate::validate::Need;
 use crate::weights::has_checkpoint;
 
 /// How to open a pipeline.
@@ -335,8 +335,9 @@ impl PipelineBase {
     }
 
     /// Refuses, before any weight is read, a run whose estimated peak cannot fit in the memory
-    /// available: the resident weights under each component's strategy plus the family's
-    /// activation estimates.
+    /// available on the execution device (the host's for the CPU, the GPU's free memory for
+    /// CUDA): the resident weights under each component's strategy plus the family's activation
+    /// estimates.
     pub fn check_memory(&self, activations: &[Need]) -> Result<()> {
         let weights =
             crate::residency::resident_estimate(self.components.iter().map(|c| c.weights.as_ref()));
@@ -348,7 +349,8 @@ impl PipelineBase {
             what: n.what,
             bytes: n.bytes,
         }));
-        fits_in_memory(
+        crate::validate::fits_on_device(
+            &self.options.device,
             &needs,
             "use a smaller --width/--height or --num-images, --tiling or --memory-budget for the \
              VAE, and --offload group or sequential for the weights",
