@@ -72,4 +72,6 @@ fn main() {
     }
     times.sort_by(f64::total_cmp);
     println!("METRIC flux_1block_ms {:.1}", times[times.len() / 2]);
+    // With LOWTIDE_PROFILE=1: where the time went, op by op (all runs).
+    eprint!("{}", lowtide::profile::report());
 }
