@@ -525,24 +525,19 @@ fn decode_memory_is_flat_in_frames() {
         let mem = WanVaeMemory::default();
         // Warm-up: weights load on first use and stay (no offload).
         vae.decode(&z(2)).unwrap();
-        let stream_once = |z: &Tensor| {
-            let mut frames = 0;
-            let (_, peak) = heap_peak_of(|| {
-                vae.decode_frames(z, &mem, &mut |_, _, f| {
-                    frames += 1;
-                    drop(f);
-                    Ok(())
-                })
-                .unwrap()
-            });
-            (frames, peak)
-        };
-        // The lower of two runs: a first run on a worker thread can allocate that thread's
-        // lasting scratch (seen once in CI: +2 MiB at 5 frames), which is not per-frame memory.
         let stream = |z: &Tensor| {
-            let (n, a) = stream_once(z);
-            let (_, b) = stream_once(z);
-            (n, a.min(b))
+            lower_of_two(|| {
+                let mut frames = 0;
+                let (_, peak) = heap_peak_of(|| {
+                    vae.decode_frames(z, &mem, &mut |_, _, f| {
+                        frames += 1;
+                        drop(f);
+                        Ok(())
+                    })
+                    .unwrap()
+                });
+                (frames, peak)
+            })
         };
         let (n5, p5) = stream(&z5);
         let (n21, p21) = stream(&z21);
@@ -586,22 +581,19 @@ fn decode_memory_is_flat_in_frames() {
         );
         let strip_px = bh * (row_width + tile_in.1 * f / p) + tile_in.0 * f / p * bw;
         let per_frame = strip_px * cfg.out_channels * 4;
-        let pieces_once = |z: &Tensor| {
-            let mut pieces = 0;
-            let (_, peak) = heap_peak_of(|| {
-                vae.decode_regions(z, &mem, &mut |_, piece| {
-                    pieces += 1;
-                    drop(piece);
-                    Ok(())
-                })
-                .unwrap()
-            });
-            (pieces, peak)
-        };
         let pieces = |z: &Tensor| {
-            let (n, a) = pieces_once(z);
-            let (_, b) = pieces_once(z);
-            (n, a.min(b))
+            lower_of_two(|| {
+                let mut pieces = 0;
+                let (_, peak) = heap_peak_of(|| {
+                    vae.decode_regions(z, &mem, &mut |_, piece| {
+                        pieces += 1;
+                        drop(piece);
+                        Ok(())
+                    })
+                    .unwrap()
+                });
+                (pieces, peak)
+            })
         };
         let (n5, t5) = pieces(&z5);
         let (n21, t21) = pieces(&z21);
@@ -621,6 +613,15 @@ fn decode_memory_is_flat_in_frames() {
             "{name}: tiled estimate too low"
         );
     }
+}
+
+/// `(count, peak)` of the lower-peak of two runs of `run`: a first run on a worker thread can
+/// allocate that thread's lasting scratch (seen once in CI: +2 MiB at 5 frames), which is not
+/// per-frame memory.
+fn lower_of_two(run: impl Fn() -> (usize, usize)) -> (usize, usize) {
+    let (n, a) = run();
+    let (_, b) = run();
+    (n, a.min(b))
 }
 
 /// Runs the calling test again in a child process of its own (returns false in the parent,

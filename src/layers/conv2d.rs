@@ -333,28 +333,8 @@ fn run(
     (n, c_in, h0, w0): (usize, usize, usize, usize),
     (c_out, k): (usize, usize),
 ) -> Result<Vec<f32>> {
-    let (s, groups, pad) = (spec.stride, spec.groups, spec.padding);
-    let u = pro.upsample.max(1);
-    let h_out = (h0 * u + pad.top + pad.bottom - k) / s + 1;
-    let w_out = (w0 * u + pad.left + pad.right - k) / s + 1;
-    let kernel = if super::winograd::takes(k, s, groups, h_out, w_out) {
-        Kernel::Winograd
-    } else if im2col_fits(n, c_in, c_out, k, h_out, w_out) {
-        Kernel::Im2col
-    } else {
-        Kernel::Direct
-    };
-    run_with(
-        kernel,
-        xs,
-        ws,
-        bias,
-        residual,
-        pro,
-        spec,
-        (n, c_in, h0, w0),
-        (c_out, k),
-    )
+    let x_dims = (n, c_in, h0, w0);
+    run_with(None, xs, ws, bias, residual, pro, spec, x_dims, (c_out, k))
 }
 
 /// The three CPU conv kernels.
@@ -382,10 +362,11 @@ fn im2col_fits(n: usize, c_in: usize, c_out: usize, k: usize, h_out: usize, w_ou
         && c_out.saturating_mul(m).saturating_mul(4) <= CHUNK_BYTES
 }
 
-/// [`run`] with the kernel chosen by the caller (tests run each on the same cases).
+/// [`run`], with the kernel chosen here (`None`) or by the caller (tests run each on the same
+/// cases).
 #[allow(clippy::too_many_arguments)]
 fn run_with(
-    kernel: Kernel,
+    kernel: Option<Kernel>,
     xs: &[f32],
     ws: &[f32],
     bias: Option<&[f32]>,
@@ -400,6 +381,13 @@ fn run_with(
     let (h, wd) = (h0 * u, w0 * u);
     let h_out = (h + pad.top + pad.bottom - k) / s + 1;
     let w_out = (wd + pad.left + pad.right - k) / s + 1;
+    let kernel = kernel.unwrap_or(if super::winograd::takes(k, s, groups, h_out, w_out) {
+        Kernel::Winograd
+    } else if im2col_fits(n, c_in, c_out, k, h_out, w_out) {
+        Kernel::Im2col
+    } else {
+        Kernel::Direct
+    });
     // Direct kernel: tap (ky, kx) = (s·qy + ry, s·qx + rx) reads phase (ry, rx) shifted by
     // (qy, qx).
     let qmax = (k - 1) / s;
@@ -695,7 +683,7 @@ mod tests {
         let h_out = (h * u + p.top + p.bottom - k) / spec.stride + 1;
         let w_out = (wd * u + p.left + p.right - k) / spec.stride + 1;
         #[rustfmt::skip]
-        let out = run_with(kernel, &xs, &ws, Some(&bs), rs.as_deref(), pro, spec, (n, c_in, h, wd), (c_out, k)).unwrap();
+        let out = run_with(Some(kernel), &xs, &ws, Some(&bs), rs.as_deref(), pro, spec, (n, c_in, h, wd), (c_out, k)).unwrap();
         Tensor::from_vec(out, (n, c_out, h_out, w_out), &Device::Cpu).unwrap()
     }
 
