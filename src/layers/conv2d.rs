@@ -159,9 +159,29 @@ pub fn conv2d_ext(
     let out = with_cpu_f32(x, |xs| {
         with_cpu_f32(w, |ws| match residual {
             Some(r) => with_cpu_f32(r, |rs| {
-                run(xs, ws, bias.as_deref(), Some(rs), pro, spec, x_dims, w_dims)
+                run(
+                    None,
+                    xs,
+                    ws,
+                    bias.as_deref(),
+                    Some(rs),
+                    pro,
+                    spec,
+                    x_dims,
+                    w_dims,
+                )
             }),
-            None => run(xs, ws, bias.as_deref(), None, pro, spec, x_dims, w_dims),
+            None => run(
+                None,
+                xs,
+                ws,
+                bias.as_deref(),
+                None,
+                pro,
+                spec,
+                x_dims,
+                w_dims,
+            ),
         })
     })?;
     Ok(Tensor::from_vec(out, (n, c_out, h_out, w_out), x.device())?)
@@ -320,23 +340,6 @@ pub(super) fn fill_plane(
     }
 }
 
-/// The convolution itself, on validated sizes: `x_dims` is the stored input (n, c_in, h, w),
-/// `w_dims` the weight's (c_out, k).
-#[allow(clippy::too_many_arguments)]
-fn run(
-    xs: &[f32],
-    ws: &[f32],
-    bias: Option<&[f32]>,
-    residual: Option<&[f32]>,
-    pro: &Prologue,
-    spec: &ConvSpec,
-    (n, c_in, h0, w0): (usize, usize, usize, usize),
-    (c_out, k): (usize, usize),
-) -> Result<Vec<f32>> {
-    let x_dims = (n, c_in, h0, w0);
-    run_with(None, xs, ws, bias, residual, pro, spec, x_dims, (c_out, k))
-}
-
 /// The three CPU conv kernels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kernel {
@@ -362,10 +365,11 @@ fn im2col_fits(n: usize, c_in: usize, c_out: usize, k: usize, h_out: usize, w_ou
         && c_out.saturating_mul(m).saturating_mul(4) <= CHUNK_BYTES
 }
 
-/// [`run`], with the kernel chosen here (`None`) or by the caller (tests run each on the same
-/// cases).
+/// The convolution itself, on validated sizes: `x_dims` is the stored input (n, c_in, h, w),
+/// `w_dims` the weight's (c_out, k); the kernel chosen here (`None`) or by the caller (tests run
+/// each on the same cases).
 #[allow(clippy::too_many_arguments)]
-fn run_with(
+fn run(
     kernel: Option<Kernel>,
     xs: &[f32],
     ws: &[f32],
@@ -683,7 +687,7 @@ mod tests {
         let h_out = (h * u + p.top + p.bottom - k) / spec.stride + 1;
         let w_out = (wd * u + p.left + p.right - k) / spec.stride + 1;
         #[rustfmt::skip]
-        let out = run_with(Some(kernel), &xs, &ws, Some(&bs), rs.as_deref(), pro, spec, (n, c_in, h, wd), (c_out, k)).unwrap();
+        let out = run(Some(kernel), &xs, &ws, Some(&bs), rs.as_deref(), pro, spec, (n, c_in, h, wd), (c_out, k)).unwrap();
         Tensor::from_vec(out, (n, c_out, h_out, w_out), &Device::Cpu).unwrap()
     }
 
