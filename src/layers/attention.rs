@@ -12,6 +12,7 @@ use candle_core::{DType, Device, Tensor, D};
 use gemm::{gemm, Parallelism};
 use rayon::prelude::*;
 
+use super::simd::{exp, madd, Isa};
 use super::with_cpu_f32;
 use crate::error::{Error, Result};
 
@@ -356,18 +357,21 @@ fn query_tile(
             start: b.start + j0 * b.col,
             ..b
         });
-        isa.softmax_tile(Step {
-            s,
-            ld,
-            rows,
-            bias,
-            m: &mut sc.m[..ld],
-            l: &mut sc.l[..ld],
-            alpha: &mut sc.alpha[..ld],
-            mx: &mut sc.mx[..ld],
-            sum: &mut sc.sum[..ld],
-            first: j0 == 0,
-        });
+        softmax_step(
+            isa,
+            Step {
+                s,
+                ld,
+                rows,
+                bias,
+                m: &mut sc.m[..ld],
+                l: &mut sc.l[..ld],
+                alpha: &mut sc.alpha[..ld],
+                mx: &mut sc.mx[..ld],
+                sum: &mut sc.sum[..ld],
+                first: j0 == 0,
+            },
+        );
         if j0 > 0 {
             for (orow, &a) in o.chunks_exact_mut(dv).zip(&sc.alpha[..rows]) {
                 if a != 1.0 {
@@ -410,71 +414,9 @@ struct Step<'a> {
     first: bool,
 }
 
-/// The vector instructions the softmax step is compiled for, chosen at run time.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Isa {
-    #[cfg(target_arch = "x86_64")]
-    Avx512,
-    #[cfg(target_arch = "x86_64")]
-    Avx2,
-    Baseline,
-}
-
-impl Isa {
-    pub(crate) fn detect() -> Self {
-        #[cfg(target_arch = "x86_64")]
-        {
-            let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
-            if avx2 && is_x86_feature_detected!("avx512f") {
-                return Isa::Avx512;
-            }
-            if avx2 {
-                return Isa::Avx2;
-            }
-        }
-        Isa::Baseline
-    }
-
-    /// Every variant this CPU can run (tests compare them).
-    #[cfg(test)]
-    pub(crate) fn available() -> Vec<Self> {
-        #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
-        let mut all = vec![Isa::Baseline];
-        #[cfg(target_arch = "x86_64")]
-        {
-            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-                all.push(Isa::Avx2);
-                if is_x86_feature_detected!("avx512f") {
-                    all.push(Isa::Avx512);
-                }
-            }
-        }
-        all
-    }
-
-    fn softmax_tile(self, st: Step) {
-        match self {
-            // SAFETY: detect() / available() only return variants whose features the CPU has.
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => unsafe { softmax_tile_avx512(st) },
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => unsafe { softmax_tile_avx2(st) },
-            Isa::Baseline => softmax_tile::<false>(st),
-        }
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2,fma")]
-unsafe fn softmax_tile_avx512(st: Step) {
-    softmax_tile::<true>(st)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn softmax_tile_avx2(st: Step) {
-    softmax_tile::<true>(st)
-}
+// The softmax step, compiled for each ISA and chosen at run time (`isa.softmax_tile(st)`
+// below becomes `softmax_step(isa, st)`).
+super::simd::isa_kernel!(fn softmax_step(st: Step<'_>) => softmax_tile);
 
 /// The tile's query count is padded to a multiple of this (AVX-512's f32 lanes), so that `gemm`
 /// takes the transposed query tile as it lies.
@@ -546,54 +488,6 @@ fn softmax_tile<const FMA: bool>(st: Step) {
             base[i] = a;
         }
         m[i] = mx[i];
-    }
-}
-
-/// `a·b + c`, fused where `FMA`.
-#[inline(always)]
-pub(crate) fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
-    if FMA {
-        a.mul_add(b, c)
-    } else {
-        a * b + c
-    }
-}
-
-/// `e^x` for x ≤ 88 to a few ulp (relative error < 3e-7, tested; Cephes' `expf`: x = n·ln2 + r,
-/// a degree-5 polynomial for e^r, 2^n from the exponent bits), branch-free so loops over it
-/// vectorise. Below -80 it
-/// returns 0: such terms are < 2e-35 of the softmax's largest (which is 1), and clamping keeps
-/// the arithmetic away from denormals, which are slow. NaN stays NaN.
-#[inline(always)]
-pub(crate) fn exp<const FMA: bool>(x: f32) -> f32 {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    // ln 2 split so that n·LN2_HI is exact.
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    // 1.5·2^23 + 127: adding it rounds x·log2(e) to an integer n held in the low mantissa
-    // bits as n + 127, the biased exponent of 2^n.
-    const SHIFT: f32 = 12_583_039.0;
-    let xc = x.clamp(-80.0, 88.0);
-    let f = madd::<FMA>;
-    let t = f(xc, LOG2E, SHIFT);
-    let n = t - SHIFT;
-    let r = f(n, -LN2_LO, f(n, -LN2_HI, xc));
-    let mut p = 1.987_569_2e-4;
-    for c in [
-        1.398_199_9e-3,
-        8.333_452e-3,
-        4.166_579_6e-2,
-        1.666_666_5e-1,
-        0.5,
-    ] {
-        p = f(p, r, c);
-    }
-    let e = f(p, r * r, r + 1.0);
-    let y = e * f32::from_bits(t.to_bits() << 23);
-    if x < -80.0 {
-        0.0
-    } else {
-        y
     }
 }
 
@@ -850,27 +744,6 @@ mod tests {
         assert!(attention_flash(&q, &bad_heads, &v, None, 1.0).is_err());
     }
 
-    /// The polynomial exp (plain and fused multiply-add) against the standard library, and its
-    /// edge values.
-    #[test]
-    fn exp_is_accurate() {
-        fn check<const FMA: bool>() {
-            let mut worst = 0f32;
-            for i in 0..=200_000 {
-                let x = -80.0 + 88.0 * i as f32 / 200_000.0;
-                let (got, want) = (exp::<FMA>(x), x.exp());
-                worst = worst.max((got - want).abs() / want);
-            }
-            assert!(worst < 3e-7, "relative error {worst} (fma {FMA})");
-            assert_eq!(exp::<FMA>(f32::NEG_INFINITY), 0.0);
-            assert_eq!(exp::<FMA>(-100.0), 0.0);
-            assert_eq!(exp::<FMA>(0.0), 1.0);
-            assert!(exp::<FMA>(f32::NAN).is_nan());
-        }
-        check::<false>();
-        check::<true>();
-    }
-
     /// Every ISA variant this CPU has computes the same softmax step (to rounding).
     #[test]
     fn isa_variants_agree() {
@@ -897,18 +770,21 @@ mod tests {
                 row: kn,
                 col: 1,
             });
-            isa.softmax_tile(Step {
-                s: &mut s,
-                ld,
-                rows,
-                bias,
-                m: &mut m,
-                l: &mut l,
-                alpha: &mut alpha,
-                mx: &mut mx,
-                sum: &mut sum,
-                first: false,
-            });
+            softmax_step(
+                isa,
+                Step {
+                    s: &mut s,
+                    ld,
+                    rows,
+                    bias,
+                    m: &mut m,
+                    l: &mut l,
+                    alpha: &mut alpha,
+                    mx: &mut mx,
+                    sum: &mut sum,
+                    first: false,
+                },
+            );
             [s, alpha, m, l].concat()
         };
         let base = run(Isa::Baseline);

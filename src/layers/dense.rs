@@ -1,12 +1,13 @@
-//! CPU f32 kernels for the transformer blocks' dense work: a linear layer with its bias fused
-//! into the GEMM (the accumulator starts at the bias, so no second pass over the output and no
-//! extra tensor), and GEGLU's `hidden · gelu(gate)` in one pass over the projection.
+//! CPU f32 kernels for the transformer blocks' dense work: a linear layer whose GEMM
+//! accumulator starts at the bias (and a residual), with an in-place activation epilogue, so no
+//! second pass over the output and no extra tensor; and GEGLU's `hidden · gelu(gate)` in one
+//! pass over the projection.
 
 use candle_core::{DType, Device, Tensor};
 use gemm::{gemm, Parallelism};
 use rayon::prelude::*;
 
-use super::attention::{exp, madd, Isa};
+use super::simd::{exp, madd, Isa};
 use super::with_cpu_f32;
 use crate::error::Result;
 
@@ -131,11 +132,7 @@ pub fn linear_ext(
         out.par_chunks_mut(n.max(1))
             .for_each(|row| gelu_tanh_row(isa, row));
     }
-    let mut shape = dims.to_vec();
-    if let Some(last) = shape.last_mut() {
-        *last = n;
-    }
-    Ok(Tensor::from_vec(out, shape, x.device())?)
+    Ok(Tensor::from_vec(out, last_dim(dims, n), x.device())?)
 }
 
 /// diffusers' `GEGLU` after its projection: `p` is `(…, 2f)`, the result `(…, f)` is
@@ -157,35 +154,20 @@ pub fn geglu(p: &Tensor) -> Result<Tensor> {
             });
         Ok(())
     })?;
+    Ok(Tensor::from_vec(out, last_dim(dims, f), p.device())?)
+}
+
+/// `dims` with the last one replaced by `n`.
+fn last_dim(dims: &[usize], n: usize) -> Vec<usize> {
     let mut shape = dims.to_vec();
     if let Some(last) = shape.last_mut() {
-        *last = f;
+        *last = n;
     }
-    Ok(Tensor::from_vec(out, shape, p.device())?)
+    shape
 }
 
-fn gelu_tanh_row(isa: Isa, row: &mut [f32]) {
-    match isa {
-        // SAFETY: Isa::detect() returns a variant only where the CPU has its features.
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => unsafe { gelu_tanh_row_avx512(row) },
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => unsafe { gelu_tanh_row_avx2(row) },
-        Isa::Baseline => gelu_tanh_row_generic::<false>(row),
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2,fma")]
-unsafe fn gelu_tanh_row_avx512(row: &mut [f32]) {
-    gelu_tanh_row_generic::<true>(row)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn gelu_tanh_row_avx2(row: &mut [f32]) {
-    gelu_tanh_row_generic::<true>(row)
-}
+super::simd::isa_kernel!(fn gelu_tanh_row(row: &mut [f32]) => gelu_tanh_row_generic);
+super::simd::isa_kernel!(fn geglu_row(o: &mut [f32], h: &[f32], g: &[f32]) => geglu_row_generic);
 
 /// candle's `gelu` formula, `0.5·v·(1 + tanh(√(2/π)·v·(1 + 0.044715·v²)))`, with
 /// `tanh(y) = 1 - 2/(e^(2y) + 1)` over the branch-free `e^x` so the loop vectorises (libm's
@@ -200,29 +182,6 @@ fn gelu_tanh_row_generic<const FMA: bool>(row: &mut [f32]) {
         let tanh = 1.0 - 2.0 / (exp::<FMA>(2.0 * y) + 1.0);
         *v = 0.5 * x * (1.0 + tanh);
     }
-}
-
-fn geglu_row(isa: Isa, o: &mut [f32], h: &[f32], g: &[f32]) {
-    match isa {
-        // SAFETY: Isa::detect() returns a variant only where the CPU has its features.
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => unsafe { geglu_row_avx512(o, h, g) },
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => unsafe { geglu_row_avx2(o, h, g) },
-        Isa::Baseline => geglu_row_generic::<false>(o, h, g),
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2,fma")]
-unsafe fn geglu_row_avx512(o: &mut [f32], h: &[f32], g: &[f32]) {
-    geglu_row_generic::<true>(o, h, g)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn geglu_row_avx2(o: &mut [f32], h: &[f32], g: &[f32]) {
-    geglu_row_generic::<true>(o, h, g)
 }
 
 #[inline(always)]
@@ -253,6 +212,26 @@ fn gelu_erf<const FMA: bool>(x: f32) -> f32 {
 mod tests {
     use super::*;
     use crate::layers::max_abs;
+
+    /// `kernel(isa, v)` for every ISA the CPU has, on -10..10, within `tol` of candle's `op`.
+    fn every_isa_matches(
+        op: impl Fn(&Tensor) -> candle_core::Result<Tensor>,
+        tol: f32,
+        kernel: impl Fn(Isa, &[f32]) -> Vec<f32>,
+    ) {
+        let v: Vec<f32> = (-4000..=4000).map(|i| i as f32 * 2.5e-3).collect();
+        let t = Tensor::new(v.as_slice(), &Device::Cpu).unwrap();
+        let want = op(&t).unwrap().to_vec1::<f32>().unwrap();
+        for isa in Isa::available() {
+            let got = kernel(isa, &v);
+            let worst = got
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(worst < tol, "{isa:?}: {worst}");
+        }
+    }
 
     #[test]
     fn linear_equals_candles_matmul_plus_bias() {
@@ -294,19 +273,15 @@ mod tests {
         let d = max_abs(&(got - &want).unwrap());
         assert!(d <= 1e-6 * max_abs(&want).max(1.0), "{d}");
         // Every ISA's build against candle's gelu over a wide range (±10, where tanh saturates).
-        let v: Vec<f32> = (-4000..=4000).map(|i| i as f32 * 2.5e-3).collect();
-        let want = Tensor::new(v.as_slice(), &dev).unwrap().gelu().unwrap();
-        let want = want.to_vec1::<f32>().unwrap();
-        for isa in Isa::available() {
-            let mut row = v.clone();
-            gelu_tanh_row(isa, &mut row);
-            let worst = row
-                .iter()
-                .zip(&want)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0f32, f32::max);
-            assert!(worst < 2e-6, "{isa:?}: {worst}");
-        }
+        every_isa_matches(
+            |t| t.gelu(),
+            2e-6,
+            |isa, v| {
+                let mut row = v.to_vec();
+                gelu_tanh_row(isa, &mut row);
+                row
+            },
+        );
         // A residual starts the accumulator, with or without a bias; a wrong shape is refused.
         let r = Tensor::randn(0f32, 1.0, (2, 7, 33), &dev).unwrap();
         for bias in [Some(&b), None] {
@@ -329,22 +304,14 @@ mod tests {
         let d = max_abs(&(got - &want).unwrap());
         assert!(d <= 1e-6 * max_abs(&want).max(1.0), "{d}");
         // Every ISA's build of the row kernel against candle's erf-GELU, over a wide range.
-        let g: Vec<f32> = (-4000..=4000).map(|i| i as f32 * 2.5e-3).collect();
-        let h = vec![1f32; g.len()];
-        let want = Tensor::new(g.as_slice(), &Device::Cpu)
-            .unwrap()
-            .gelu_erf()
-            .unwrap();
-        let want = want.to_vec1::<f32>().unwrap();
-        for isa in Isa::available() {
-            let mut o = vec![0f32; g.len()];
-            geglu_row(isa, &mut o, &h, &g);
-            let worst = o
-                .iter()
-                .zip(&want)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0f32, f32::max);
-            assert!(worst < 5e-7, "{isa:?}: {worst}");
-        }
+        every_isa_matches(
+            |t| t.gelu_erf(),
+            5e-7,
+            |isa, g| {
+                let mut o = vec![0f32; g.len()];
+                geglu_row(isa, &mut o, &vec![1f32; g.len()], g);
+                o
+            },
+        );
     }
 }
