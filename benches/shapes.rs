@@ -10,9 +10,9 @@
 
 use std::time::{Duration, Instant};
 
-use candle_core::{Device, Module, Tensor};
-use lowtide::layers::attention;
+use candle_core::{Device, Tensor};
 use lowtide::layers::conv2d::{conv2d, ConvSpec};
+use lowtide::layers::{attention, dense};
 
 /// The CLI's allocator, so buffer reuse is what `lowtide generate` sees.
 #[global_allocator]
@@ -60,8 +60,7 @@ fn main() {
                 let x = Tensor::randn(0f32, 1.0, (m, k), &dev).unwrap();
                 let w = Tensor::randn(0f32, 0.05, (n, k), &dev).unwrap();
                 let b = Tensor::randn(0f32, 0.05, n, &dev).unwrap();
-                let lin = candle_nn::Linear::new(w, Some(b));
-                let ms = median_ms(|| drop(lin.forward(&x).unwrap()));
+                let ms = median_ms(|| drop(dense::linear(&x, &w, Some(&b)).unwrap()));
                 (format!("mm_{m}x{k}x{n}"), 2.0 * (m * k * n) as f64, ms)
             }
             ("attn", &[b, h, lq, lk, d]) => {

@@ -4,23 +4,14 @@
 //! pass over the projection.
 
 use candle_core::{DType, Device, Tensor};
-use gemm::{gemm, Parallelism};
+use gemm::Parallelism;
+
+use super::sgemm::{self, Epilogue as Tile};
 use rayon::prelude::*;
 
 use super::simd::{exp, madd, Isa};
 use super::with_cpu_f32;
 use crate::error::Result;
-
-/// Below this many rows (tokens) a linear splits its output features across threads itself:
-/// measured on the UNet's and CLIP's linears (2 threads), gemm's own split is up to 1.3x slower
-/// there and up to 1.2x faster at 2048 rows.
-const SPLIT_BELOW_ROWS: usize = 1024;
-
-#[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-// SAFETY: tasks write disjoint parts of the buffer behind it while it lives.
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
 
 /// Whether [`linear`] and [`geglu`] take these tensors (CPU, f32).
 pub fn supported(ts: &[&Tensor]) -> bool {
@@ -54,84 +45,49 @@ pub fn linear_ext(
     let (n, k) = w.dims2()?;
     let dims = x.dims();
     let m = x.elem_count() / k.max(1);
-    let mut out = vec![0f32; m * n];
+    let len = m * n;
     let b = b.map(|b| b.to_vec1::<f32>()).transpose()?;
-    match residual {
-        Some(r) => {
-            if r.elem_count() != m * n {
-                return Err(crate::error::Error::InvalidArgument(format!(
-                    "linear: residual {:?} does not match the output ({m}, {n})",
-                    r.dims()
-                )));
-            }
-            with_cpu_f32(r, |rs| {
-                out.par_chunks_mut(n.max(1))
-                    .zip(rs.par_chunks(n.max(1)))
-                    .for_each(|(o, r)| match &b {
-                        Some(b) => o
-                            .iter_mut()
-                            .zip(r)
-                            .zip(b)
-                            .for_each(|((o, r), b)| *o = r + b),
-                        None => o.copy_from_slice(r),
-                    });
-                Ok(())
-            })?;
+    // The output starts as the residual (read by the GEMM), or is written by it from scratch.
+    let mut out = match residual {
+        Some(r) if r.elem_count() != len => {
+            return Err(crate::error::Error::InvalidArgument(format!(
+                "linear: residual {:?} does not match the output ({m}, {n})",
+                r.dims()
+            )))
         }
-        None => {
-            if let Some(b) = &b {
-                out.par_chunks_mut(n.max(1))
-                    .for_each(|row| row.copy_from_slice(b));
-            }
-        }
-    }
-    let read = b.is_some() || residual.is_some();
+        Some(r) => with_cpu_f32(r, |rs| Ok(rs.to_vec()))?,
+        None => Vec::with_capacity(len),
+    };
     let threads = candle_core::utils::get_num_threads();
     let par = if threads > 1 && m * n * k >= 1 << 16 {
         Parallelism::Rayon(threads)
     } else {
         Parallelism::None
     };
+    let isa = Isa::detect();
+    let gelu = move |row: &mut [f32]| gelu_tanh_row(isa, row);
+    let epi = Tile {
+        bias: b.as_deref(),
+        rows: match epilogue {
+            Epilogue::None => None,
+            Epilogue::GeluTanh => Some(&gelu),
+        },
+    };
     with_cpu_f32(x, |xs| {
         with_cpu_f32(w, |ws| {
-            // SAFETY: dst is m × n row-major (`out`); lhs is x as m × k row-major; rhs is wᵀ,
-            // k × n, read from w (n × k row-major) with row stride 1 and column stride k.
-            // Every index stays inside its buffer, and dst aliases neither input.
-            if m >= SPLIT_BELOW_ROWS || threads < 2 || n < 32 {
-                unsafe {
-                    // gemm(m, n, k, dst, dst_cs, dst_rs, read_dst, lhs, lhs_cs, lhs_rs, rhs,
-                    // rhs_cs, rhs_rs, alpha, beta, conj.., par): dst = alpha·dst + beta·lhs·rhs.
-                    #[rustfmt::skip]
-                    gemm(m, n, k, out.as_mut_ptr(), 1, n as isize, read,
-                         xs.as_ptr(), 1, k as isize, ws.as_ptr(), k as isize, 1,
-                         1.0f32, 1.0f32, false, false, false, par);
-                }
-                return Ok(());
+            // SAFETY: `out` has room for m × n (its spare capacity, or the residual's values);
+            // x is m × k and w n × k, row-major; `out` aliases neither. Every element of `out`
+            // is written before `set_len`.
+            unsafe {
+                let dst = out.as_mut_ptr();
+                #[rustfmt::skip]
+                sgemm::linear(m, n, k, dst, n, residual.is_some(), xs.as_ptr(), k, ws.as_ptr(),
+                              epi, par);
+                out.set_len(len);
             }
-            // Few rows: one slice of output features per thread, each a single-threaded GEMM
-            // that packs only its own rows of w.
-            let dst = SendPtr(out.as_mut_ptr());
-            let part = n.div_ceil(threads).div_ceil(16) * 16;
-            (0..n.div_ceil(part)).into_par_iter().for_each(|i| {
-                let (j0, nj) = (i * part, part.min(n - i * part));
-                let d = dst;
-                // SAFETY: as above, for columns j0..j0 + nj of dst and rows j0.. of w; tasks
-                // write disjoint columns.
-                unsafe {
-                    #[rustfmt::skip]
-                    gemm(m, nj, k, d.0.add(j0), 1, n as isize, read,
-                         xs.as_ptr(), 1, k as isize, ws.as_ptr().add(j0 * k), k as isize, 1,
-                         1.0f32, 1.0f32, false, false, false, Parallelism::None);
-                }
-            });
             Ok(())
         })
     })?;
-    if epilogue == Epilogue::GeluTanh {
-        let isa = Isa::detect();
-        out.par_chunks_mut(n.max(1))
-            .for_each(|row| gelu_tanh_row(isa, row));
-    }
     Ok(Tensor::from_vec(out, last_dim(dims, n), x.device())?)
 }
 

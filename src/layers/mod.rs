@@ -12,6 +12,7 @@ pub mod dense;
 pub mod embeddings;
 pub mod mlp;
 pub mod norm;
+pub(crate) mod sgemm;
 pub(crate) mod simd;
 mod winograd;
 use crate::residency::{Param, ParamPath};
