@@ -14,7 +14,7 @@ use candle_core::{DType, Device, Tensor};
 use gemm::{gemm, Parallelism};
 use rayon::prelude::*;
 
-use super::with_cpu_f32;
+use super::{sgemm, with_cpu_f32};
 use crate::error::{Error, Result};
 
 /// Scratch budget per chunk (input phases + output rows).
@@ -23,6 +23,13 @@ pub(super) const CHUNK_BYTES: usize = 24 << 20;
 /// The most scratch either conv kernel takes, whatever the sizes (the Winograd kernel's
 /// transformed weights and its pass), for memory estimates.
 pub const SCRATCH_BYTES: usize = 2 * CHUNK_BYTES;
+
+/// From this many output pixels a conv's GEMM runs on [`sgemm`], which packs the weights for
+/// each call: below it the packing outweighs the product (measured with `cargo bench --bench
+/// shapes`: the UNet's 8×8 1×1 convs, 64 pixels an image, 0.73x the `gemm` crate's speed; its
+/// 8×8 and 4×4 3×3 taps in the im2col kernel also slower), above it level or faster (the 16×16
+/// and 32×32 1×1 convs 1.0–1.05x).
+const SGEMM_MIN_PIXELS: usize = 256;
 
 /// Output pixels per task when a chunk is split across threads.
 const PIXEL_BLOCK: usize = 1024;
@@ -385,6 +392,10 @@ fn run(
     let (h, wd) = (h0 * u, w0 * u);
     let h_out = (h + pad.top + pad.bottom - k) / s + 1;
     let w_out = (wd + pad.left + pad.right - k) / s + 1;
+    let plain = pro.affine.is_none() && !pro.silu && u == 1;
+    if kernel.is_none() && k == 1 && s == 1 && groups == 1 && pad == Padding::default() && plain {
+        return Ok(pointwise(xs, ws, bias, residual, (n, c_in, h0 * w0), c_out));
+    }
     let kernel = kernel.unwrap_or(if super::winograd::takes(k, s, groups, h_out, w_out) {
         Kernel::Winograd
     } else if im2col_fits(n, c_in, c_out, k, h_out, w_out) {
@@ -536,6 +547,54 @@ fn run(
     Ok(out)
 }
 
+/// A 1×1 conv without prologue, padding or stride: per image, `out (c_out × pixels) = W (c_out ×
+/// c_in) · x (c_in × pixels)` straight on the stored planes, the output starting at bias +
+/// residual — no im2col copy, accumulator or scatter (which took more than half of the im2col
+/// kernel's time on the UNet's 1×1 convs).
+fn pointwise(
+    xs: &[f32],
+    ws: &[f32],
+    bias: Option<&[f32]>,
+    residual: Option<&[f32]>,
+    (n, c_in, hw): (usize, usize, usize),
+    c_out: usize,
+) -> Vec<f32> {
+    let mut out = match residual {
+        Some(r) => r.to_vec(),
+        None => vec![0f32; n * c_out * hw],
+    };
+    if let Some(b) = bias {
+        out.par_chunks_mut(hw.max(1))
+            .enumerate()
+            .for_each(|(i, row)| row.iter_mut().for_each(|v| *v += b[i % c_out]));
+    }
+    let threads = candle_core::utils::get_num_threads();
+    let par = if threads > 1 {
+        Parallelism::Rayon(threads)
+    } else {
+        Parallelism::None
+    };
+    for b in 0..n {
+        // SAFETY: image b's output is c_out × hw row-major inside `out`; the weights are
+        // c_out × c_in row-major, the image's input c_in × hw row-major; `out` is a buffer of
+        // its own.
+        unsafe {
+            let dst = out.as_mut_ptr().add(b * c_out * hw);
+            let x = xs.as_ptr().add(b * c_in * hw);
+            if hw >= SGEMM_MIN_PIXELS {
+                #[rustfmt::skip]
+                sgemm::gemm(c_out, hw, c_in, dst, hw, true, (ws.as_ptr(), c_in as isize, 1),
+                            (x, hw as isize, 1), par);
+            } else {
+                #[rustfmt::skip]
+                gemm(c_out, hw, c_in, dst, 1, hw as isize, true, ws.as_ptr(), 1, c_in as isize,
+                     x, 1, hw as isize, 1.0f32, 1.0f32, false, false, false, par);
+            }
+        }
+    }
+    out
+}
+
 /// The im2col kernel (see [`Kernel::Im2col`]): `col` holds, for input channel `ci` and tap
 /// `(ky, kx)`, row `(ci·k + ky)·k + kx` — the weights' own column order — over the batch's
 /// output pixels, the prologue applied and padding zero; then per group
@@ -642,11 +701,25 @@ fn im2col(
         unsafe {
             // gemm(m, n, k, dst, dst_cs, dst_rs, read_dst, lhs, lhs_cs, lhs_rs, rhs, rhs_cs,
             // rhs_rs, alpha, beta, conj.., par): dst = alpha·dst + beta·lhs·rhs.
-            #[rustfmt::skip]
-            gemm(nr, m, kg, acc.0.add(co * m), 1, m as isize, true,
-                 ws.as_ptr().add(co * kg), 1, kg as isize,
-                 col.as_ptr().add(g * kg * m), 1, m as isize,
-                 1.0f32, 1.0f32, false, false, false, par);
+            let (dst, w) = (acc.0.add(co * m), ws.as_ptr().add(co * kg));
+            let x = col.as_ptr().add(g * kg * m);
+            if m >= SGEMM_MIN_PIXELS {
+                sgemm::gemm(
+                    nr,
+                    m,
+                    kg,
+                    dst,
+                    m,
+                    true,
+                    (w, kg as isize, 1),
+                    (x, m as isize, 1),
+                    par,
+                );
+            } else {
+                #[rustfmt::skip]
+                gemm(nr, m, kg, dst, 1, m as isize, true, w, 1, kg as isize, x, 1, m as isize,
+                     1.0f32, 1.0f32, false, false, false, par);
+            }
         }
     });
     drop(col);

@@ -29,6 +29,57 @@ fn enabled() -> bool {
     })
 }
 
+/// `dst (+)= a · b`: `dst` m × n row-major (row stride `ld`), `a` m × k and `b` k × n strided
+/// matrices given as `(pointer, row stride, column stride)`; the AVX-512 kernel where the CPU
+/// has it, else the `gemm` crate.
+///
+/// # Safety
+/// The strides address elements inside their buffers for the shapes given; `dst` overlaps
+/// neither input.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    ld: usize,
+    read_dst: bool,
+    (a, a_rs, a_cs): (*const f32, isize, isize),
+    (b, b_rs, b_cs): (*const f32, isize, isize),
+    par: Parallelism,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if m > 0 && n >= NR / 2 && k > 0 && enabled() {
+        let (a, b) = (
+            Mat {
+                p: a,
+                rs: a_rs,
+                cs: a_cs,
+            },
+            Mat {
+                p: b,
+                rs: b_rs,
+                cs: b_cs,
+            },
+        );
+        let c = Out { p: dst, ld };
+        return avx512::run(
+            m,
+            n,
+            k,
+            c,
+            read_dst,
+            a,
+            b,
+            threads(par),
+            Epilogue::default(),
+        );
+    }
+    #[rustfmt::skip]
+    gemm::gemm(m, n, k, dst, 1, ld as isize, read_dst, a, a_cs, a_rs, b, b_cs, b_rs,
+               if read_dst { 1.0f32 } else { 0.0 }, 1.0f32, false, false, false, par);
+}
+
 /// An in-place activation over part of an output row.
 pub(crate) type RowFn = dyn Fn(&mut [f32]) + Sync;
 

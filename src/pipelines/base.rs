@@ -442,6 +442,9 @@ impl PipelineBase {
         latents: &Tensor,
         mem: &VaeMemory,
     ) -> Result<Tensor> {
+        // The denoising loop's freed buffers go back to the system first: the decode's peak is
+        // usually the run's, and would otherwise sit on top of them.
+        crate::alloc::release_free_memory();
         decode_to_image(
             vae,
             &latents.to_device(&self.component_device("vae")?)?,
