@@ -4,9 +4,12 @@
 //! Why mimalloc: candle allocates a fresh buffer for every op's output, many of them tens to
 //! hundreds of MiB (a bf16 weight converted to f32, an activation). glibc serves anything over
 //! 32 MiB with mmap and returns it with munmap, so each such op pays page faults and the kernel's
-//! page zeroing again. mimalloc keeps freed memory committed for a short delay (raised here to
-//! 1 s) and hands it to the next allocation of that size, which in a layer loop comes
-//! milliseconds later.
+//! page zeroing again. mimalloc keeps freed memory committed for a delay (raised here to
+//! 10 s, `LOWTIDE_PURGE_MS` to change it) and hands it to the next allocation of that size,
+//! which in a layer loop comes milliseconds later and in a denoising loop a step later: with
+//! 1 s, the SD1.5 UNet step (1.6 s on 2 cores) found last step's buffers returned and faulted
+//! them in again — 3–4% of the step and a fifth of the system time (measured interleaved).
+//! Memory is handed back at phase ends with [`release_free_memory`].
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicU8, Ordering::Relaxed};
@@ -47,7 +50,15 @@ fn choice() -> u8 {
             let c = if system { SYSTEM } else { MI };
             if c == MI {
                 // SAFETY: sets a plain option before mimalloc's first allocation.
-                unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 1000) };
+                unsafe {
+                    let v = libc::getenv(c"LOWTIDE_PURGE_MS".as_ptr());
+                    let ms = if v.is_null() {
+                        10_000
+                    } else {
+                        libc::atol(v) as std::ffi::c_long
+                    };
+                    libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, ms)
+                };
             }
             match CHOICE.compare_exchange(UNSET, c, Relaxed, Relaxed) {
                 Ok(_) => c,

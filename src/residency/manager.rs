@@ -318,6 +318,10 @@ impl ManagedWeights {
         if !st.group.learned && !st.group.order.is_empty() {
             self.plan_learned(&mut st);
         }
+        drop(st);
+        // Copied weights (converted dtypes, small tensors) go back to the system now, not after
+        // the allocator's purge delay: the next component's peak should not sit on them.
+        crate::alloc::release_free_memory();
         Ok(())
     }
 
