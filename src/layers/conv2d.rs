@@ -304,6 +304,7 @@ pub(super) fn fill_plane(
 ) {
     let u = pro.upsample.max(1);
     let (h, wd) = (h0 * u, w0 * u);
+    let isa = super::simd::Isa::detect();
     let (a, b) = match &pro.affine {
         Some((a, b)) => (a[coef], b[coef]),
         None => (1.0, 0.0),
@@ -334,15 +335,8 @@ pub(super) fn fill_plane(
                 *o = src[(ix0 + s * j) / u];
             }
         }
-        if pro.affine.is_some() {
-            for o in row.iter_mut() {
-                *o = *o * a + b;
-            }
-        }
-        if pro.silu {
-            for o in row.iter_mut() {
-                *o /= 1.0 + (-*o).exp();
-            }
+        if pro.affine.is_some() || pro.silu {
+            super::simd::affine_silu(isa, row, a, b, pro.silu);
         }
     }
 }
@@ -628,16 +622,12 @@ fn im2col(
             let mut src = vec![0f32; plane];
             for b in 0..n {
                 src.copy_from_slice(&xs[(b * c_in + ci) * plane..][..plane]);
-                if let Some((a, sh)) = &pro.affine {
-                    let (a, sh) = (a[b * c_in + ci], sh[b * c_in + ci]);
-                    for v in src.iter_mut() {
-                        *v = *v * a + sh;
-                    }
-                }
-                if pro.silu {
-                    for v in src.iter_mut() {
-                        *v /= 1.0 + (-*v).exp();
-                    }
+                let (a, sh) = match &pro.affine {
+                    Some((a, sh)) => (a[b * c_in + ci], sh[b * c_in + ci]),
+                    None => (1.0, 0.0),
+                };
+                if pro.affine.is_some() || pro.silu {
+                    super::simd::affine_silu(super::simd::Isa::detect(), &mut src, a, sh, pro.silu);
                 }
                 for ky in 0..k {
                     for kx in 0..k {

@@ -77,17 +77,12 @@ pub fn group_norm(
     let dims = x.dims().to_vec();
     let hw: usize = dims[2..].iter().product();
     let mut out = vec![0f32; x.elem_count()];
+    let isa = super::simd::Isa::detect();
     with_cpu_f32(&x, |src| {
         out.par_chunks_mut(hw)
             .zip(src.par_chunks(hw))
             .enumerate()
-            .for_each(|(i, (o, s))| {
-                let (a, b) = (a[i], b[i]);
-                for (ov, &sv) in o.iter_mut().zip(s) {
-                    let y = sv * a + b;
-                    *ov = if silu { y / (1.0 + (-y).exp()) } else { y };
-                }
-            });
+            .for_each(|(i, (o, s))| super::simd::affine_silu_from(isa, o, s, a[i], b[i], silu));
         Ok(())
     })?;
     Ok(Tensor::from_vec(out, dims, x.device())?)

@@ -123,9 +123,61 @@ pub(crate) fn exp<const FMA: bool>(x: f32) -> f32 {
     }
 }
 
+isa_kernel!(pub(crate) fn affine_silu(row: &mut [f32], a: f32, b: f32, silu: bool) => affine_silu_generic);
+isa_kernel!(pub(crate) fn affine_silu_from(dst: &mut [f32], src: &[f32], a: f32, b: f32, silu: bool) => affine_silu_from_generic);
+
+/// `row = silu(row·a + b)` in place (SiLU only when `silu`): a GroupNorm's coefficients and
+/// activation as the convs' prologue applies them, over the branch-free `e^x` (libm's scalar
+/// `expf` took 2–3% of a UNet step).
+#[inline(always)]
+fn affine_silu_generic<const FMA: bool>(row: &mut [f32], a: f32, b: f32, silu: bool) {
+    for v in row.iter_mut() {
+        let y = *v * a + b;
+        *v = if silu { y / (1.0 + exp::<FMA>(-y)) } else { y };
+    }
+}
+
+/// [`affine_silu`] from `src` into `dst`.
+#[inline(always)]
+fn affine_silu_from_generic<const FMA: bool>(
+    dst: &mut [f32],
+    src: &[f32],
+    a: f32,
+    b: f32,
+    silu: bool,
+) {
+    for (o, &v) in dst.iter_mut().zip(src) {
+        let y = v * a + b;
+        *o = if silu { y / (1.0 + exp::<FMA>(-y)) } else { y };
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The prologue's affine + SiLU on every ISA against the scalar formula over libm's `expf`,
+    /// including saturated inputs.
+    #[test]
+    fn affine_silu_matches_scalar() {
+        let src: Vec<f32> = (0..1001).map(|i| -120.0 + 0.24 * i as f32).collect();
+        for isa in Isa::available() {
+            for silu in [false, true] {
+                let (mut a, mut b) = (src.clone(), vec![0f32; src.len()]);
+                affine_silu(isa, &mut a, 0.7, 0.3, silu);
+                affine_silu_from(isa, &mut b, &src, 0.7, 0.3, silu);
+                for ((&x, &ga), &gb) in src.iter().zip(&a).zip(&b) {
+                    let y = x * 0.7 + 0.3;
+                    let want = if silu { y / (1.0 + (-y).exp()) } else { y };
+                    let tol = 1e-6 * want.abs().max(1e-30);
+                    assert!(
+                        (ga - want).abs() <= tol && ga == gb,
+                        "{isa:?} {x}: {ga} {gb} vs {want}"
+                    );
+                }
+            }
+        }
+    }
 
     /// The polynomial exp (plain and fused multiply-add) against the standard library, and its
     /// edge values.
