@@ -1,11 +1,13 @@
-//! The f32 GEMM behind the linears and the convs on CPUs with AVX-512: a 14 × 32 register tile
-//! (28 accumulators, the right-hand side packed into 32-wide panels, the left-hand side into
-//! 14-row micro-panels that stay in L1), K in blocks of at most 512 and the right-hand side in
-//! L2-sized blocks — the BLIS loop nest. Measured against the `gemm` crate's AVX-512 kernel on
-//! the UNet's and the transformer blocks' shapes (2 threads, Sapphire Rapids) it is 1.1–1.5x
-//! faster, which is what brought the linears level with MKL; elsewhere (no AVX-512, tiny or
-//! oddly strided problems) the call goes to the `gemm` crate, which stays the reference in the
-//! tests.
+//! The f32 GEMM behind the linears and the larger 1×1 / im2col convs on CPUs with AVX-512: a
+//! 14 × 32 register tile (28 accumulators; the right-hand side packed into 32-wide panels with
+//! in-register 16 × 16 transposes, the left-hand side into 14-row micro-panels that stay in
+//! L1), K in blocks of at most 384 and the right-hand side in L2-sized blocks — the BLIS loop
+//! nest — with the output's epilogue (a linear's bias, an activation) applied tile by tile
+//! while the tile is in cache. Against the `gemm` crate on the same work (`LOWTIDE_GEMM=crate`,
+//! interleaved, Sapphire Rapids, 2 threads): level to 1.1x alone on the shapes bench, 1.0–1.25x
+//! on the UNet's linears inside a generate. The `gemm` crate stays the fallback (no AVX-512,
+//! tiny or oddly strided problems, the small GEMMs of the Winograd and direct conv kernels,
+//! where it measured faster) and the reference in the tests.
 
 use gemm::Parallelism;
 use rayon::prelude::*;
@@ -14,9 +16,11 @@ use rayon::prelude::*;
 const MR: usize = 14;
 /// Columns of the register tile: two 16-lane vectors of the packed right-hand side.
 const NR: usize = 32;
-/// Most of K in one pass: an MR × KC micro-panel (28 KiB) stays in L1.
-const KC: usize = 512;
-/// Columns of the right-hand side packed at once: KC × NC floats (1 MiB) stay in L2.
+/// Most of K in one pass: an MR × KC micro-panel (21 KiB) stays in L1 (512 measured level
+/// within noise on the shapes bench, 256 slower on the UNet's).
+const KC: usize = 384;
+/// Columns of the right-hand side packed at once: KC × NC floats (768 KiB) stay in L2 (1024
+/// was up to 15% slower on the FLUX shapes).
 const NC: usize = 512;
 
 /// AVX-512 is there and `LOWTIDE_GEMM=crate` (the `gemm` crate everywhere, for side-by-side
@@ -315,7 +319,7 @@ mod avx512 {
         b: Mat,
         epi: Epilogue,
     ) {
-        // Equal K blocks (K = 1280 → 3 × 427, not 512 + 512 + 256).
+        // Equal K blocks (K = 1280 → 4 × 320, not 384 + 384 + 384 + 128).
         let kb = k.div_ceil(k.div_ceil(KC));
         let panels_m = m.div_ceil(MR);
         PACK.with(|pack| {
