@@ -67,17 +67,18 @@ pub(crate) unsafe fn gemm(
             },
         );
         let c = Out { p: dst, ld };
-        return avx512::run(
+        let epi = Epilogue::default();
+        let job = Job {
             m,
             n,
             k,
             c,
-            read_dst,
+            read: read_dst,
             a,
             b,
-            threads(par),
-            Epilogue::default(),
-        );
+            epi,
+        };
+        return avx512::run(job, threads(par));
     }
     #[rustfmt::skip]
     gemm::gemm(m, n, k, dst, 1, ld as isize, read_dst, a, a_cs, a_rs, b, b_cs, b_rs,
@@ -130,7 +131,17 @@ pub(crate) unsafe fn linear(
             cs: k as isize,
         };
         let c = Out { p: dst, ld };
-        return avx512::run(m, n, k, c, read_dst, a, b, threads(par), epi);
+        let job = Job {
+            m,
+            n,
+            k,
+            c,
+            read: read_dst,
+            a,
+            b,
+            epi,
+        };
+        return avx512::run(job, threads(par));
     }
     let threads = threads(par);
     if m >= SPLIT_BELOW_ROWS || threads < 2 || n < 32 {
@@ -237,6 +248,50 @@ impl Out {
     }
 }
 
+/// One product: `c (+)= a · b` (`m × k` by `k × n`; `read`: add to what `c` holds), then `epi`.
+#[derive(Clone, Copy)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+struct Job<'a> {
+    m: usize,
+    n: usize,
+    k: usize,
+    c: Out,
+    read: bool,
+    a: Mat,
+    b: Mat,
+    epi: Epilogue<'a>,
+}
+
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+impl Job<'_> {
+    /// Columns `j0..j0 + w` (clipped to `n`) of the product.
+    unsafe fn columns(self, j0: usize, w: usize) -> Self {
+        let epi = Epilogue {
+            bias: self.epi.bias.map(|b| &b[j0..]),
+            ..self.epi
+        };
+        let (c, b) = (self.c.at(0, j0), self.b.at(0, j0));
+        Job {
+            n: w.min(self.n - j0),
+            c,
+            b,
+            epi,
+            ..self
+        }
+    }
+
+    /// Rows `i0..i0 + h` (clipped to `m`) of the product.
+    unsafe fn rows(self, i0: usize, h: usize) -> Self {
+        let (c, a) = (self.c.at(i0, 0), self.a.at(i0, 0));
+        Job {
+            m: h.min(self.m - i0),
+            c,
+            a,
+            ..self
+        }
+    }
+}
+
 // SAFETY: the tasks of one call read the inputs and write disjoint parts of the output.
 unsafe impl Send for Mat {}
 unsafe impl Sync for Mat {}
@@ -257,44 +312,26 @@ mod avx512 {
 
     /// Splits the output between `threads` tasks: by columns when the left-hand side is the
     /// smaller operand (each task packs all of it and its share of the right), else by rows.
-    #[allow(clippy::too_many_arguments)]
-    pub(super) unsafe fn run(
-        m: usize,
-        n: usize,
-        k: usize,
-        c: Out,
-        read: bool,
-        a: Mat,
-        b: Mat,
-        threads: usize,
-        epi: Epilogue,
-    ) {
+    pub(super) unsafe fn run(job: Job, threads: usize) {
+        let Job { m, n, k, .. } = job;
         let parts = if m * n * k < 1 << 18 {
             1
         } else {
             threads.max(1)
         };
         if parts == 1 {
-            return single(m, n, k, c, read, a, b, epi);
+            return single(job);
         }
         if m <= n {
             let step = n.div_ceil(parts).div_ceil(NR) * NR;
-            (0..n.div_ceil(step)).into_par_iter().for_each(|i| {
-                let j0 = i * step;
-                let c = c.at(0, j0);
-                let epi = Epilogue {
-                    bias: epi.bias.map(|b| &b[j0..]),
-                    ..epi
-                };
-                single(m, step.min(n - j0), k, c, read, a, b.at(0, j0), epi);
-            });
+            (0..n.div_ceil(step))
+                .into_par_iter()
+                .for_each(|i| single(job.columns(i * step, step)));
         } else {
             let step = m.div_ceil(parts).div_ceil(MR) * MR;
-            (0..m.div_ceil(step)).into_par_iter().for_each(|i| {
-                let i0 = i * step;
-                let c = c.at(i0, 0);
-                single(step.min(m - i0), n, k, c, read, a.at(i0, 0), b, epi);
-            });
+            (0..m.div_ceil(step))
+                .into_par_iter()
+                .for_each(|i| single(job.rows(i * step, step)));
         }
     }
 
@@ -308,17 +345,17 @@ mod avx512 {
         unsafe { p.add(p.align_offset(64)) }
     }
 
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn single(
-        m: usize,
-        n: usize,
-        k: usize,
-        c: Out,
-        read: bool,
-        a: Mat,
-        b: Mat,
-        epi: Epilogue,
-    ) {
+    unsafe fn single(job: Job) {
+        let Job {
+            m,
+            n,
+            k,
+            c,
+            read,
+            a,
+            b,
+            epi,
+        } = job;
         // Equal K blocks (K = 1280 → 4 × 320, not 384 + 384 + 384 + 128).
         let kb = k.div_ceil(k.div_ceil(KC));
         let panels_m = m.div_ceil(MR);
