@@ -4,6 +4,7 @@ use candle_core::Tensor;
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
+use crate::layers::conv2d::Prologue;
 use crate::layers::{attention, Conv2d, GroupNorm, Linear};
 use crate::models::blocks::{Downsample2D, ResnetBlock2D, Upsample2D};
 use crate::models::vae_tiling::VaeMemory;
@@ -281,7 +282,8 @@ impl AutoencoderKL {
         let lat = cfg.latent_channels;
         let lpb = cfg.layers_per_block;
 
-        let ep = pp.pp("encoder");
+        // Text-to-image runs only decode: the encoder's weights are mapped when first used.
+        let ep = pp.on_demand().pp("encoder");
         let mut blocks = Vec::new();
         let mut out_c = boc[0];
         for (i, &c) in boc.iter().enumerate() {
@@ -342,7 +344,7 @@ impl AutoencoderKL {
             decoder,
             quant_conv: cfg
                 .use_quant_conv
-                .then(|| Conv2d::new(&pp.pp("quant_conv"), 2 * lat, 2 * lat, 1, 1, 0)),
+                .then(|| Conv2d::new(&pp.on_demand().pp("quant_conv"), 2 * lat, 2 * lat, 1, 1, 0)),
             post_quant_conv: cfg
                 .use_post_quant_conv
                 .then(|| Conv2d::new(&pp.pp("post_quant_conv"), lat, lat, 1, 1, 0)),
@@ -410,13 +412,29 @@ impl AutoencoderKL {
         for (resnets, up) in &d.blocks {
             for r in resnets {
                 h = r.forward(&h, None)?;
+                crate::alloc::release_free_memory();
             }
             if let Some(u) = up {
                 h = u.forward(&h, None)?;
             }
+            // Each level's activations are 4x the last's: return the freed ones now rather than
+            // after the allocator's purge delay, so they do not sit under the next level's.
+            crate::alloc::release_free_memory();
         }
         let scope = ModuleScope::enter(src, "decoder.out")?;
-        h = d.conv_out.forward(&d.norm_out.forward_silu(&h)?)?;
+        h = if d.conv_out.fusable(&h) {
+            // GroupNorm + SiLU applied as conv_out reads its input: no full-resolution copy at
+            // the decode's largest level, where the run's peak usually is.
+            let (a, b) = d.norm_out.coefficients(&h)?;
+            let pro = Prologue {
+                affine: Some((a, b)),
+                silu: true,
+                upsample: 1,
+            };
+            d.conv_out.forward_ext(&h, &pro, None)?
+        } else {
+            d.conv_out.forward(&d.norm_out.forward_silu(&h)?)?
+        };
         scope.exit()?;
         Ok(h)
     }

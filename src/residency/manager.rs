@@ -264,7 +264,8 @@ impl ManagedWeights {
         Ok(t)
     }
 
-    /// Before the component runs. `Model` loads the whole component now; so does `None` (its
+    /// Before the component runs. `Model` loads the whole component now (but its on-demand
+    /// parts, loaded at first use); so does `None` (its
     /// weights are resident from their first use on, as `pipe.to(device)`; loading them in one
     /// go, before any activation is allocated, also keeps the allocator from recycling
     /// activation memory for weights, which measured slower).
@@ -274,7 +275,7 @@ impl ManagedWeights {
         }
         let specs = lock(&self.declared).clone();
         let mut st = lock(&self.state);
-        for spec in &specs {
+        for spec in specs.iter().filter(|s| !s.on_demand) {
             if !st.kept.contains_key(&spec.name) {
                 let t = self.load_one(spec)?;
                 let b = bytes_of(&t);

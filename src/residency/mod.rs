@@ -31,6 +31,9 @@ pub struct ParamSpec {
     /// Whether the weight belongs to a layer whose storage dtype may be lowered (linear and
     /// conv layers, the ones diffusers' layerwise casting touches; not embeddings or norms).
     pub castable: bool,
+    /// Loaded at its first use rather than when the component is activated: a part that a run
+    /// may not touch (a VAE's encoder when only decoding), which then costs no memory.
+    pub on_demand: bool,
 }
 
 /// Source of a component's weights at forward time.
@@ -83,6 +86,8 @@ pub struct ParamPath {
     registry: Arc<Mutex<Vec<ParamSpec>>>,
     /// Offload units in construction order (see [`UnitScope`]).
     units: Arc<Mutex<Vec<String>>>,
+    /// Parameters declared under this path are [`ParamSpec::on_demand`].
+    on_demand: bool,
 }
 
 impl ParamPath {
@@ -92,6 +97,7 @@ impl ParamPath {
             src,
             registry: Arc::default(),
             units: Arc::default(),
+            on_demand: false,
         }
     }
 
@@ -107,6 +113,15 @@ impl ParamPath {
             src: self.src.clone(),
             registry: self.registry.clone(),
             units: self.units.clone(),
+            on_demand: self.on_demand,
+        }
+    }
+
+    /// This path, its parameters loaded on first use (see [`ParamSpec::on_demand`]).
+    pub fn on_demand(&self) -> Self {
+        Self {
+            on_demand: true,
+            ..self.clone()
         }
     }
 
@@ -128,6 +143,7 @@ impl ParamPath {
             },
             shape: shape.to_vec(),
             castable,
+            on_demand: self.on_demand,
         };
         self.registry
             .lock()

@@ -79,7 +79,8 @@ impl AutoencoderKLWan {
         let nrb = cfg.num_res_blocks;
 
         // Encoder: dims = base · [1] + dim_mult.
-        let ep = pp.pp("encoder");
+        // Text-to-video runs only decode: the encoder's weights are mapped when first used.
+        let ep = pp.on_demand().pp("encoder");
         let dims: Vec<usize> = std::iter::once(1)
             .chain(cfg.dim_mult.iter().copied())
             .map(|m| cfg.base_dim * m)
@@ -190,7 +191,11 @@ impl AutoencoderKLWan {
             norm_out: ChannelRmsNorm::new(&dp.pp("norm_out"), dims[n], false),
             conv_out: conv333(&dp.pp("conv_out"), dims[n], cfg.out_channels),
         };
-        let quant_conv = conv111(&pp.pp("quant_conv"), 2 * cfg.z_dim, 2 * cfg.z_dim);
+        let quant_conv = conv111(
+            &pp.on_demand().pp("quant_conv"),
+            2 * cfg.z_dim,
+            2 * cfg.z_dim,
+        );
         let post_quant_conv = conv111(&pp.pp("post_quant_conv"), cfg.z_dim, cfg.z_dim);
         // Weight sizes for the peak estimates, from what the modules declared: (total, the
         // largest 5-D one) under the given prefixes.
