@@ -152,7 +152,10 @@ fn peaks_respect_each_strategys_bound() {
         assert!(none.accounting.peak_resident_bytes() > used, "{name}: none");
         // ... and only that: the VAE's encoder is on demand, so it is never loaded here.
         let peak = none.accounting.peak_resident_bytes();
-        assert!(peak < all, "{name}: none loaded the unused VAE encoder ({peak} = {all})");
+        assert!(
+            peak < all,
+            "{name}: none loaded the unused VAE encoder ({peak} = {all})"
+        );
 
         // Model: at most the largest component.
         let mut pipe = load(name);
