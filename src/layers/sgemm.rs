@@ -52,33 +52,18 @@ pub(crate) unsafe fn gemm(
     (b, b_rs, b_cs): (*const f32, isize, isize),
     par: Parallelism,
 ) {
-    #[cfg(target_arch = "x86_64")]
-    if m > 0 && n >= NR / 2 && k > 0 && enabled() {
-        let (a, b) = (
-            Mat {
-                p: a,
-                rs: a_rs,
-                cs: a_cs,
-            },
-            Mat {
-                p: b,
-                rs: b_rs,
-                cs: b_cs,
-            },
-        );
-        let c = Out { p: dst, ld };
-        let epi = Epilogue::default();
-        let job = Job {
-            m,
-            n,
-            k,
-            c,
-            read: read_dst,
-            a,
-            b,
-            epi,
-        };
-        return avx512::run(job, threads(par));
+    let job = Job {
+        m,
+        n,
+        k,
+        c: Out { p: dst, ld },
+        read: read_dst,
+        a: Mat::new(a, a_rs, a_cs),
+        b: Mat::new(b, b_rs, b_cs),
+        epi: Epilogue::default(),
+    };
+    if try_avx512(job, par) {
+        return;
     }
     #[rustfmt::skip]
     gemm::gemm(m, n, k, dst, 1, ld as isize, read_dst, a, a_cs, a_rs, b, b_cs, b_rs,
@@ -118,30 +103,19 @@ pub(crate) unsafe fn linear(
     epi: Epilogue,
     par: Parallelism,
 ) {
-    #[cfg(target_arch = "x86_64")]
-    if m > 0 && n >= NR / 2 && k > 0 && enabled() {
-        let a = Mat {
-            p: x,
-            rs: lda as isize,
-            cs: 1,
-        };
-        let b = Mat {
-            p: w,
-            rs: 1,
-            cs: k as isize,
-        };
-        let c = Out { p: dst, ld };
-        let job = Job {
-            m,
-            n,
-            k,
-            c,
-            read: read_dst,
-            a,
-            b,
-            epi,
-        };
-        return avx512::run(job, threads(par));
+    let job = Job {
+        m,
+        n,
+        k,
+        c: Out { p: dst, ld },
+        read: read_dst,
+        // x row-major; w (n × k row-major) read as wᵀ.
+        a: Mat::new(x, lda as isize, 1),
+        b: Mat::new(w, 1, k as isize),
+        epi,
+    };
+    if try_avx512(job, par) {
+        return;
     }
     let threads = threads(par);
     if m >= SPLIT_BELOW_ROWS || threads < 2 || n < 32 {
@@ -151,7 +125,7 @@ pub(crate) unsafe fn linear(
     // only its own rows of w.
     let part = n.div_ceil(threads).div_ceil(16) * 16;
     let c = Out { p: dst, ld };
-    let (x, w) = (Mat { p: x, rs: 0, cs: 1 }, Mat { p: w, rs: 0, cs: 1 });
+    let (x, w) = (Mat::new(x, 0, 1), Mat::new(w, 0, 1));
     (0..n.div_ceil(part)).into_par_iter().for_each(|i| {
         let (j0, nj) = (i * part, part.min(n - i * part));
         let epi = Epilogue {
@@ -182,23 +156,40 @@ unsafe fn linear_crate(
     epi: Epilogue,
     par: Parallelism,
 ) {
-    for i in 0..m {
-        let row = std::slice::from_raw_parts_mut(c.p.add(i * c.ld), n);
-        match (epi.bias, read_dst) {
-            (Some(b), true) => row.iter_mut().zip(b).for_each(|(o, b)| *o += b),
-            (Some(b), false) => row.copy_from_slice(&b[..n]),
-            (None, false) => row.fill(0.0),
-            (None, true) => {}
-        }
+    // The output may be uninitialised (`dense` hands over spare capacity) unless `read_dst`:
+    // written through pointers before any slice of it is made. Row passes in parallel as the
+    // GEMM is.
+    let rows = |f: &(dyn Fn(*mut f32) + Sync)| match par {
+        Parallelism::None => (0..m).for_each(|i| f(c.at(i, 0).p)),
+        _ => (0..m).into_par_iter().for_each(|i| f(c.at(i, 0).p)),
+    };
+    match (epi.bias, read_dst) {
+        (Some(b), true) => rows(&|r| {
+            let row = std::slice::from_raw_parts_mut(r, n);
+            row.iter_mut().zip(b).for_each(|(o, b)| *o += b)
+        }),
+        (Some(b), false) => rows(&|r| std::ptr::copy_nonoverlapping(b.as_ptr(), r, n)),
+        (None, false) => rows(&|r| std::ptr::write_bytes(r, 0, n)),
+        (None, true) => {}
     }
     #[rustfmt::skip]
     gemm::gemm(m, n, k, c.p, 1, c.ld as isize, true, x, 1, lda as isize, w, k as isize, 1,
                1.0f32, 1.0f32, false, false, false, par);
     if let Some(f) = epi.rows {
-        for i in 0..m {
-            f(std::slice::from_raw_parts_mut(c.p.add(i * c.ld), n));
-        }
+        rows(&|r| f(std::slice::from_raw_parts_mut(r, n)));
     }
+}
+
+/// Runs `job` on the AVX-512 kernel where the CPU has it and the shape suits it (at least half
+/// a tile of columns); false leaves it to the caller's `gemm`-crate path.
+unsafe fn try_avx512(job: Job, par: Parallelism) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if job.m > 0 && job.n >= NR / 2 && job.k > 0 && enabled() {
+        avx512::run(job, threads(par));
+        return true;
+    }
+    let _ = (job, par);
+    false
 }
 
 fn threads(par: Parallelism) -> usize {
@@ -220,6 +211,10 @@ struct Mat {
 
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 impl Mat {
+    fn new(p: *const f32, rs: isize, cs: isize) -> Self {
+        Mat { p, rs, cs }
+    }
+
     /// The sub-matrix from (i, j).
     unsafe fn at(self, i: usize, j: usize) -> Self {
         Mat {
