@@ -5,6 +5,8 @@ use candle_core::{DType, Module, Tensor, D};
 
 use crate::error::Result;
 
+#[cfg(target_arch = "x86_64")]
+mod amx;
 pub mod attention;
 pub mod conv2d;
 pub mod conv3d;
@@ -18,6 +20,7 @@ mod winograd;
 use crate::residency::{Param, ParamPath};
 pub use attention::{attention, attention_scaled};
 pub use mlp::{FeedForward, Mlp};
+pub use sgemm::{matmul_precision, set_matmul_precision, MatmulPrecision, AMX_MIN_ROWS};
 
 pub struct Linear {
     weight: Param,

@@ -23,6 +23,47 @@ const KC: usize = 384;
 /// was up to 15% slower on the FLUX shapes).
 const NC: usize = 512;
 
+/// How f32 matrix products are computed, as PyTorch's `torch.set_float32_matmul_precision`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum MatmulPrecision {
+    /// Plain f32 multiply-adds (the default): results within f32 rounding of the exact sum.
+    #[default]
+    Highest,
+    /// On CPUs with AMX-BF16, the linears of at least [`AMX_MIN_ROWS`] rows in bf16x3 on the
+    /// tile unit (`layers/amx.rs`): about 2⁻¹⁷ relative per product instead of 2⁻²⁴, much
+    /// faster. Elsewhere the same as `Highest`.
+    High,
+}
+
+/// 0: not chosen yet (the environment decides), 1: highest, 2: high.
+static PRECISION: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// Chooses the precision of f32 matrix products for the whole process (the CLI's
+/// `--matmul-precision`); unset, `LOWTIDE_MATMUL_PRECISION=high` chooses `High`.
+pub fn set_matmul_precision(p: MatmulPrecision) {
+    let v = match p {
+        MatmulPrecision::Highest => 1,
+        MatmulPrecision::High => 2,
+    };
+    PRECISION.store(v, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// The precision in force.
+pub fn matmul_precision() -> MatmulPrecision {
+    match PRECISION.load(std::sync::atomic::Ordering::Relaxed) {
+        1 => MatmulPrecision::Highest,
+        2 => MatmulPrecision::High,
+        _ => match std::env::var("LOWTIDE_MATMUL_PRECISION").as_deref() {
+            Ok("high") => MatmulPrecision::High,
+            _ => MatmulPrecision::Highest,
+        },
+    }
+}
+
+/// Fewer rows than this stay on the f32 kernels even under `High`: converting the weights costs
+/// about as much as a few rows of product.
+pub const AMX_MIN_ROWS: usize = 32;
+
 /// AVX-512 is there and `LOWTIDE_GEMM=crate` (the `gemm` crate everywhere, for side-by-side
 /// measurements) is not set.
 fn enabled() -> bool {
@@ -114,6 +155,16 @@ pub(crate) unsafe fn linear(
         b: Mat::new(w, 1, k as isize),
         epi,
     };
+    #[cfg(target_arch = "x86_64")]
+    if m >= AMX_MIN_ROWS
+        && n >= 32
+        && k >= 32
+        && matmul_precision() == MatmulPrecision::High
+        && super::amx::available()
+    {
+        let t = if m * n * k < 1 << 18 { 1 } else { threads(par) };
+        return super::amx::linear(m, n, k, dst, ld, read_dst, x, lda, w, epi, t);
+    }
     if try_avx512(job, par) {
         return;
     }
@@ -292,6 +343,9 @@ unsafe impl Send for Mat {}
 unsafe impl Sync for Mat {}
 unsafe impl Send for Out {}
 unsafe impl Sync for Out {}
+
+#[cfg(target_arch = "x86_64")]
+pub(crate) use avx512::transpose16;
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
@@ -508,7 +562,7 @@ mod avx512 {
     /// A 16 × 16 transpose of the rows in `r`.
     #[target_feature(enable = "avx512f")]
     #[inline]
-    unsafe fn transpose16(r: [__m512; 16]) -> [__m512; 16] {
+    pub(crate) unsafe fn transpose16(r: [__m512; 16]) -> [__m512; 16] {
         // Interleave pairs, then quads of 32-bit lanes within 128-bit lanes, then 128-bit lanes.
         let mut t = [_mm512_setzero_ps(); 16];
         for i in 0..8 {
