@@ -259,6 +259,32 @@ fn cli_matches_diffusers_and_offload_is_byte_identical() {
     );
 }
 
+/// `--matmul-precision high` (bf16x3 on AMX) stays within the parity tolerance of diffusers'
+/// f32 run; on a CPU with AMX it really changes the products, elsewhere it changes nothing.
+#[test]
+fn matmul_precision_high_stays_within_tolerance() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut runs = Vec::new();
+    for p in ["highest", "high"] {
+        let mut args = flux_cli("dev", "default", tmp.path());
+        args.extend(["--matmul-precision".to_string(), p.to_string()]);
+        ok(&args.iter().map(|a| a.as_str()).collect::<Vec<_>>());
+        let got = load_refs(tmp.path().join("f.safetensors"));
+        let (_, want) = request("dev", "default", false);
+        for (name, r) in &want {
+            if let Some(t) = got.get(name.as_str()) {
+                assert_close(&format!("{p} {name}"), t, r, TOL);
+            }
+        }
+        runs.push(got["final_latents"].clone());
+    }
+    assert_eq!(
+        !identical(&runs[..1], &runs[1..]),
+        lowtide::layers::bf16x3_available(),
+        "high differs from highest exactly where the CPU has AMX"
+    );
+}
+
 #[test]
 fn bad_flux_input_is_a_clear_error() {
     let tmp = tempfile::tempdir().unwrap();

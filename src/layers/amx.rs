@@ -20,10 +20,14 @@ use rayon::prelude::*;
 
 use super::sgemm::Epilogue;
 
-/// K per block: 256 values → 8 tile steps; a 32-row input panel (hi + lo) is 32 KiB, in L1.
-const KC: usize = 256;
-/// Output columns per packed weight block: KC × NC × 4 bytes = 256 KiB, in L2.
-const NC: usize = 256;
+/// K per block: 1024 values, 32 tile steps per load and store of the accumulators. The output
+/// is read and written once per K block, and at the tile unit's speed that traffic, not the
+/// packed operands, is what limits: 256 (the f32 kernel's order) was 10-25% slower on the
+/// FLUX and Wan shapes, 2048 and 4096 level or slower.
+const KC: usize = 1024;
+/// Output columns per packed weight block: KC × NC × 4 bytes = 768 KiB, in L2 (128 and 256
+/// within noise of it, 64 and 512 slower).
+const NC: usize = 192;
 /// One tile: 16 rows × 64 bytes, as u16.
 const TILE: usize = 512;
 

@@ -22,6 +22,15 @@ pub use attention::{attention, attention_scaled};
 pub use mlp::{FeedForward, Mlp};
 pub use sgemm::{matmul_precision, set_matmul_precision, MatmulPrecision, AMX_MIN_ROWS};
 
+/// Whether [`MatmulPrecision::High`] changes anything here: the CPU has AMX-BF16 and the OS
+/// granted the tile state.
+pub fn bf16x3_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return amx::available();
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
 pub struct Linear {
     weight: Param,
     bias: Option<Param>,
