@@ -5,6 +5,9 @@
 //!
 //!     python tools/bench/flux_block.py --write /tmp/flux1block
 //!     FLUX_BLOCK_DIR=/tmp/flux1block cargo bench --bench flux_block
+//!
+//! `FLUX_BLOCK_OUT=o.safetensors` saves the output; `flux_block.py DIR --compare o.safetensors`
+//! prints its error against float64 PyTorch.
 
 use std::time::Instant;
 
@@ -65,9 +68,13 @@ fn main() {
     let mut times = Vec::new();
     for i in 0..=runs {
         let t0 = Instant::now();
-        drop(m.forward(&inp).expect("forward"));
+        let out = m.forward(&inp).expect("forward");
         if i > 0 {
             times.push(t0.elapsed().as_secs_f64() * 1e3);
+        }
+        // FLUX_BLOCK_OUT=file.safetensors: the output, for tools/bench/flux_block.py --compare.
+        if let (0, Some(p)) = (i, std::env::var_os("FLUX_BLOCK_OUT")) {
+            lowtide::io::save_tensors(p.as_ref(), &[("out", &out)]).expect("FLUX_BLOCK_OUT");
         }
     }
     times.sort_by(f64::total_cmp);

@@ -231,10 +231,12 @@ unsafe fn single(job: Job) {
             while j0 < n {
                 let nc = NC.min(n - j0);
                 let groups_n = nc.div_ceil(32) * 2;
-                for g in 0..groups_n {
+                // Per column group: the weights are bf16 values (their remainders all zero).
+                let mut exact = [false; NC / 16];
+                for (g, e) in exact.iter_mut().enumerate().take(groups_n) {
                     let cols = 16.min(nc.saturating_sub(g * 16));
                     let b = w.0.wrapping_add((j0 + g * 16) * k + p0);
-                    pack_b(b, k, cols, kc, bp.add(g * steps * 2 * TILE));
+                    *e = pack_b(b, k, cols, kc, bp.add(g * steps * 2 * TILE));
                 }
                 for i in 0..groups_m / 2 {
                     let mr = 32.min(m - i * 32);
@@ -265,7 +267,7 @@ unsafe fn single(job: Job) {
                             }
                             load_c(cp, cld);
                         }
-                        kernel(steps, a, b);
+                        kernel(steps, a, b, exact[2 * j] && exact[2 * j + 1]);
                         store_c(cp, cld);
                         if !full {
                             copy_block(cp, cld, c, ld, mr, nr);
@@ -333,10 +335,40 @@ unsafe fn store_c(c: *mut f32, ld: usize) {
 }
 
 /// `steps` K steps of 32 on the 32 × 32 block in tmm0..3: `a` two row groups, `b` two column
-/// groups, each `steps` × (hi tile, lo tile).
-unsafe fn kernel(steps: usize, a: *const u16, b: *const u16) {
+/// groups, each `steps` × (hi tile, lo tile). `b_exact`: the weights' remainders are all zero
+/// (bf16 checkpoints computed in f32, FLUX's and Wan's as published), so `aₕ·bₗ` is skipped —
+/// two passes, the same sums.
+unsafe fn kernel(steps: usize, a: *const u16, b: *const u16, b_exact: bool) {
     let g = steps * 2 * TILE;
     let (a0, a1, b0, b1) = (a, a.add(g), b, b.add(g));
+    if b_exact {
+        for s in 0..steps {
+            let o = s * 2 * TILE;
+            asm!(
+                // aₕ · b
+                "tileloadd tmm4, [{a0} + {st}]",
+                "tileloadd tmm5, [{a1} + {st}]",
+                "tileloadd tmm6, [{b0} + {st}]",
+                "tileloadd tmm7, [{b1} + {st}]",
+                "tdpbf16ps tmm0, tmm4, tmm6",
+                "tdpbf16ps tmm1, tmm4, tmm7",
+                "tdpbf16ps tmm2, tmm5, tmm6",
+                "tdpbf16ps tmm3, tmm5, tmm7",
+                // aₗ · b
+                "tileloadd tmm4, [{a0} + {st} + 1024]",
+                "tileloadd tmm5, [{a1} + {st} + 1024]",
+                "tdpbf16ps tmm0, tmm4, tmm6",
+                "tdpbf16ps tmm1, tmm4, tmm7",
+                "tdpbf16ps tmm2, tmm5, tmm6",
+                "tdpbf16ps tmm3, tmm5, tmm7",
+                a0 = in(reg) a0.add(o), a1 = in(reg) a1.add(o),
+                b0 = in(reg) b0.add(o), b1 = in(reg) b1.add(o),
+                st = in(reg) 64usize,
+                options(nostack, readonly),
+            );
+        }
+        return;
+    }
     for s in 0..steps {
         let o = s * 2 * TILE;
         asm!(
@@ -438,9 +470,10 @@ unsafe fn pack_a(a: *const f32, lda: usize, rows: usize, kc: usize, dst: *mut u1
 
 /// `cols` (≤ 16, zero past them) weight rows (`w`, row stride `ldw`) × `kc` values → per K step
 /// of 32: hi and lo tiles in the VNNI layout (tile row q: for each column, the pair of K values
-/// 2q, 2q + 1) — a 16 × 16 transpose of 32-bit pairs.
+/// 2q, 2q + 1) — a 16 × 16 transpose of 32-bit pairs. True when every remainder is zero.
 #[target_feature(enable = "avx512f,avx512bw")]
-unsafe fn pack_b(w: *const f32, ldw: usize, cols: usize, kc: usize, dst: *mut u16) {
+unsafe fn pack_b(w: *const f32, ldw: usize, cols: usize, kc: usize, dst: *mut u16) -> bool {
+    let mut any = _mm512_setzero_si512();
     for s in 0..kc.div_ceil(32) {
         let t = dst.add(s * 2 * TILE);
         let mut hi = [_mm512_setzero_ps(); 16];
@@ -449,6 +482,7 @@ unsafe fn pack_b(w: *const f32, ldw: usize, cols: usize, kc: usize, dst: *mut u1
             let (h, l) = row32(w.add(c * ldw + s * 32), kc - s * 32);
             hi[c] = _mm512_castsi512_ps(h);
             lo[c] = _mm512_castsi512_ps(l);
+            any = _mm512_or_si512(any, l);
         }
         let (hi, lo) = (super::sgemm::transpose16(hi), super::sgemm::transpose16(lo));
         for q in 0..16 {
@@ -456,6 +490,7 @@ unsafe fn pack_b(w: *const f32, ldw: usize, cols: usize, kc: usize, dst: *mut u1
             _mm512_store_ps(t.add(TILE + q * 32) as *mut f32, lo[q]);
         }
     }
+    _mm512_test_epi32_mask(any, any) == 0
 }
 
 #[cfg(test)]
@@ -485,10 +520,15 @@ mod tests {
             (70, 300, 600),
             (64, 1030, 300),
             (200, 64, 1000),
+            (96, 100, 1100), // weights rounded to bf16: the two-pass kernel
         ] {
             let lda = k + 5;
             let x: Vec<f32> = (0..m * lda).map(|_| rnd()).collect();
-            let w: Vec<f32> = (0..n * k).map(|_| rnd()).collect();
+            let mut w: Vec<f32> = (0..n * k).map(|_| rnd()).collect();
+            if n == 100 {
+                w.iter_mut()
+                    .for_each(|v| *v = half::bf16::from_f32(*v).to_f32());
+            }
             let bias: Vec<f32> = (0..n).map(|_| rnd()).collect();
             let c0: Vec<f32> = (0..m * n).map(|_| rnd()).collect();
             let double = |r: &mut [f32]| r.iter_mut().for_each(|v| *v *= 2.0);
