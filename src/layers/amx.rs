@@ -29,7 +29,7 @@ const KC: usize = 1024;
 /// within noise of it, 64 and 512 slower).
 const NC: usize = 192;
 /// One tile: 16 rows × 64 bytes, as u16.
-const TILE: usize = 512;
+pub(super) const TILE: usize = 512;
 
 /// Whether this CPU has AMX-BF16 and the kernel granted this process the tile state
 /// (Linux `arch_prctl(ARCH_REQ_XCOMP_PERM)`); asked once.
@@ -183,7 +183,7 @@ impl Job<'_> {
 }
 
 /// A 64-byte aligned slice of `len` u16 inside `buf`, grown as needed.
-fn aligned(buf: &mut Vec<u16>, len: usize) -> *mut u16 {
+pub(super) fn aligned(buf: &mut Vec<u16>, len: usize) -> *mut u16 {
     if buf.len() < len + 32 {
         buf.resize(len + 32, 0);
     }
@@ -208,7 +208,7 @@ unsafe fn single(job: Job) {
     } = job;
     let kb = k.div_ceil(k.div_ceil(KC)).div_ceil(32) * 32;
     let groups_m = m.div_ceil(32) * 2;
-    asm!("ldtilecfg [{}]", in(reg) &CONFIG, options(nostack, readonly));
+    configure();
     PACK.with(|pack| {
         let (abuf, bbuf) = &mut *pack.borrow_mut();
         let ap = aligned(abuf, groups_m * (kb / 32) * 2 * TILE);
@@ -216,7 +216,6 @@ unsafe fn single(job: Job) {
             bbuf,
             NC.min(n.div_ceil(32) * 32) / 16 * (kb / 32) * 2 * TILE,
         );
-        let mut scratch = Scratch([0.0; 32 * 32]);
         let mut p0 = 0;
         while p0 < k {
             let kc = kb.min(k - p0);
@@ -238,51 +237,87 @@ unsafe fn single(job: Job) {
                     let b = w.0.wrapping_add((j0 + g * 16) * k + p0);
                     *e = pack_b(b, k, cols, kc, bp.add(g * steps * 2 * TILE));
                 }
-                for i in 0..groups_m / 2 {
-                    let mr = 32.min(m - i * 32);
-                    for j in 0..groups_n / 2 {
-                        let nr = 32.min(nc - j * 32);
-                        let c = dst.0.add(i * 32 * ld + j0 + j * 32);
-                        let a = ap.add(2 * i * steps * 2 * TILE);
-                        let b = bp.add(2 * j * steps * 2 * TILE);
-                        let full = mr == 32 && nr == 32;
-                        // Accumulators: from the output (or scratch at the edges) unless this
-                        // is the first K block of a fresh output.
-                        let (cp, cld) = if full {
-                            (c, ld)
-                        } else {
-                            (scratch.0.as_mut_ptr(), 32)
-                        };
-                        if first && !read {
-                            asm!(
-                                "tilezero tmm0",
-                                "tilezero tmm1",
-                                "tilezero tmm2",
-                                "tilezero tmm3",
-                                options(nostack, nomem)
-                            );
-                        } else {
-                            if !full {
-                                copy_block(c, ld, cp, cld, mr, nr);
-                            }
-                            load_c(cp, cld);
-                        }
-                        kernel(steps, a, b, exact[2 * j] && exact[2 * j + 1]);
-                        store_c(cp, cld);
-                        if !full {
-                            copy_block(cp, cld, c, ld, mr, nr);
-                        }
-                        if last {
-                            finish(c, ld, mr, nr, epi, j0 + j * 32);
-                        }
+                let c = dst.0.add(j0);
+                let mut done = |c: *mut f32, mr: usize, nr: usize, j: usize| {
+                    if last {
+                        finish(c, ld, mr, nr, epi, j0 + j);
                     }
-                }
+                };
+                let fresh = first && !read;
+                blocks(ap, bp, steps, (m, nc), (c, ld), fresh, &exact, &mut done);
                 j0 += nc;
             }
             p0 += kc;
         }
     });
-    asm!("tilerelease", options(nostack, nomem));
+    release();
+}
+
+/// Loads the tile configuration on this thread: before any other call here.
+pub(super) fn configure() {
+    // SAFETY: `CONFIG` is a valid palette-1 configuration; [`available`] was checked by the
+    // caller (the only way into this module's kernels).
+    unsafe { asm!("ldtilecfg [{}]", in(reg) &CONFIG, options(nostack, readonly)) };
+}
+
+/// Returns the tile state (cheaper context switches once the thread is done with the tiles).
+pub(super) fn release() {
+    // SAFETY: releasing the tiles is always allowed once configured.
+    unsafe { asm!("tilerelease", options(nostack, nomem)) };
+}
+
+/// `c` (m × n, row stride `ld`) (+)= packed A (`m` rows in groups of 16, `steps` K steps of
+/// 32, as [`pack_a`] writes) · packed B (`n` columns, as [`pack_b`]), on 32 × 32 blocks:
+/// `fresh` starts from zero rather than from `c`; `exact[g]`: column group g's B remainders are
+/// zero. `done(block, rows, cols, column)` runs on each finished block.
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn blocks(
+    ap: *const u16,
+    bp: *const u16,
+    steps: usize,
+    (m, n): (usize, usize),
+    (c, ld): (*mut f32, usize),
+    fresh: bool,
+    exact: &[bool],
+    done: &mut dyn FnMut(*mut f32, usize, usize, usize),
+) {
+    let mut scratch = Scratch([0.0; 32 * 32]);
+    for i in 0..m.div_ceil(32) {
+        let mr = 32.min(m - i * 32);
+        for j in 0..n.div_ceil(32) {
+            let nr = 32.min(n - j * 32);
+            let c = c.add(i * 32 * ld + j * 32);
+            let a = ap.add(2 * i * steps * 2 * TILE);
+            let b = bp.add(2 * j * steps * 2 * TILE);
+            let full = mr == 32 && nr == 32;
+            // Accumulators: from the output (or scratch at the edges) unless fresh.
+            let (cp, cld) = if full {
+                (c, ld)
+            } else {
+                (scratch.0.as_mut_ptr(), 32)
+            };
+            if fresh {
+                asm!(
+                    "tilezero tmm0",
+                    "tilezero tmm1",
+                    "tilezero tmm2",
+                    "tilezero tmm3",
+                    options(nostack, nomem)
+                );
+            } else {
+                if !full {
+                    copy_block(c, ld, cp, cld, mr, nr);
+                }
+                load_c(cp, cld);
+            }
+            kernel(steps, a, b, exact[2 * j] && exact[2 * j + 1]);
+            store_c(cp, cld);
+            if !full {
+                copy_block(cp, cld, c, ld, mr, nr);
+            }
+            done(c, mr, nr, j * 32);
+        }
+    }
 }
 
 #[repr(align(64))]
@@ -453,7 +488,7 @@ fn mask(len: usize) -> __mmask16 {
 /// `rows` (≤ 16, zero past them) input rows × `kc` values → per K step of 32: a hi tile and a
 /// lo tile, 16 rows × 32 bf16 each.
 #[target_feature(enable = "avx512f,avx512bw")]
-unsafe fn pack_a(a: *const f32, lda: usize, rows: usize, kc: usize, dst: *mut u16) {
+pub(super) unsafe fn pack_a(a: *const f32, lda: usize, rows: usize, kc: usize, dst: *mut u16) {
     for s in 0..kc.div_ceil(32) {
         let t = dst.add(s * 2 * TILE);
         for r in 0..16 {
@@ -488,6 +523,67 @@ unsafe fn pack_b(w: *const f32, ldw: usize, cols: usize, kc: usize, dst: *mut u1
         for q in 0..16 {
             _mm512_store_ps(t.add(q * 32) as *mut f32, hi[q]);
             _mm512_store_ps(t.add(TILE + q * 32) as *mut f32, lo[q]);
+        }
+    }
+    _mm512_test_epi32_mask(any, any) == 0
+}
+
+/// [`pack_a`] from a column-major source (`rows` ≤ 16 rows, element (r, p) at `a[p·ld + r]`:
+/// attention's key-major probabilities): 16 × 16 blocks transposed in registers.
+#[target_feature(enable = "avx512f,avx512bw")]
+pub(super) unsafe fn pack_a_cols(a: *const f32, ld: usize, rows: usize, kc: usize, dst: *mut u16) {
+    let rm = mask(rows);
+    for s in 0..kc.div_ceil(32) {
+        let t = dst.add(s * 2 * TILE);
+        let mut parts = [[_mm512_setzero_ps(); 16]; 2];
+        for (half, part) in parts.iter_mut().enumerate() {
+            for (jj, v) in part.iter_mut().enumerate() {
+                let p = s * 32 + half * 16 + jj;
+                if p < kc {
+                    *v = _mm512_maskz_loadu_ps(rm, a.wrapping_add(p * ld));
+                }
+            }
+            *part = super::sgemm::transpose16(*part);
+        }
+        for (r, (&v0, &v1)) in parts[0].iter().zip(&parts[1]).enumerate() {
+            let ((h0, l0), (h1, l1)) = (split(v0), split(v1));
+            _mm512_store_si512(t.add(r * 32) as *mut _, halves(h0, h1));
+            _mm512_store_si512(t.add(TILE + r * 32) as *mut _, halves(l0, l1));
+        }
+    }
+}
+
+/// [`pack_b`] for a row-major right-hand side (`kc` rows of stride `ldb`, `cols` ≤ 16 columns
+/// used): tile row q interleaves rows 2q and 2q + 1 as the VNNI pairs, no transpose needed.
+/// True when every remainder is zero.
+#[target_feature(enable = "avx512f,avx512bw")]
+pub(super) unsafe fn pack_b_rows(
+    b: *const f32,
+    ldb: usize,
+    cols: usize,
+    kc: usize,
+    dst: *mut u16,
+) -> bool {
+    let mut any = _mm512_setzero_si512();
+    let cm = mask(cols);
+    let row = |p: usize| {
+        if p < kc {
+            split(_mm512_maskz_loadu_ps(cm, b.wrapping_add(p * ldb)))
+        } else {
+            (_mm512_setzero_si512(), _mm512_setzero_si512())
+        }
+    };
+    for s in 0..kc.div_ceil(32) {
+        let t = dst.add(s * 2 * TILE);
+        for q in 0..16 {
+            let p = s * 32 + 2 * q;
+            let ((h0, l0), (h1, l1)) = (row(p), row(p + 1));
+            // Each part sits in the upper half of its lane: row 2q's goes to the lower half.
+            let hi = _mm512_or_si512(_mm512_srli_epi32::<16>(h0), h1);
+            let lo = _mm512_or_si512(_mm512_srli_epi32::<16>(l0), l1);
+            any = _mm512_or_si512(any, lo);
+            _mm512_store_si512(t.add(q * 32) as *mut _, hi);
+            _mm512_store_si512(t.add(TILE + q * 32) as *mut _, lo);
         }
     }
     _mm512_test_epi32_mask(any, any) == 0

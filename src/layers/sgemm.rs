@@ -64,6 +64,14 @@ pub fn matmul_precision() -> MatmulPrecision {
 /// about as much as a few rows of product.
 pub const AMX_MIN_ROWS: usize = 32;
 
+/// Precision `High` is in force and the CPU has AMX: products may take the bf16x3 kernels.
+pub(crate) fn amx_on() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return matmul_precision() == MatmulPrecision::High && super::amx::available();
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
 /// AVX-512 is there and `LOWTIDE_GEMM=crate` (the `gemm` crate everywhere, for side-by-side
 /// measurements) is not set.
 fn enabled() -> bool {
@@ -156,12 +164,7 @@ pub(crate) unsafe fn linear(
         epi,
     };
     #[cfg(target_arch = "x86_64")]
-    if m >= AMX_MIN_ROWS
-        && n >= 32
-        && k >= 32
-        && matmul_precision() == MatmulPrecision::High
-        && super::amx::available()
-    {
+    if m >= AMX_MIN_ROWS && n >= 32 && k >= 32 && amx_on() {
         let t = if m * n * k < 1 << 18 { 1 } else { threads(par) };
         return super::amx::linear(m, n, k, dst, ld, read_dst, x, lda, w, epi, t);
     }
