@@ -28,6 +28,15 @@ pub enum Epilogue {
     GeluTanh,
 }
 
+/// Whether an `m`-row linear takes the few-row kernel (`layers/skinny.rs`), which also reads
+/// bf16 weights as they are (so [`linear_ext`] may be handed a bf16-held weight then).
+pub fn few_rows(m: usize) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return super::skinny::takes(m);
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
 /// `x · wᵀ + b` over the last dim of `x` (`(…, k)`), `w` `(n, k)` as stored.
 pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     linear_ext(x, w, b, Epilogue::None, None)
@@ -46,6 +55,14 @@ pub fn linear_ext(
     let dims = x.dims();
     let m = x.elem_count() / k.max(1);
     let len = m * n;
+    // bf16 weights are read as they are by the few-row kernel only.
+    let widened;
+    let w = if w.dtype() != DType::F32 && !few_rows(m) {
+        widened = w.to_dtype(DType::F32)?;
+        &widened
+    } else {
+        w
+    };
     let b = b.map(|b| b.to_vec1::<f32>()).transpose()?;
     // The output starts as the residual (read by the GEMM), or is written by it from scratch.
     let mut out = match residual {
@@ -73,6 +90,30 @@ pub fn linear_ext(
             Epilogue::GeluTanh => Some(&gelu),
         },
     };
+    #[cfg(target_arch = "x86_64")]
+    if few_rows(m) {
+        let threads = if m * n * k >= 1 << 16 { threads } else { 1 };
+        with_cpu_f32(x, |xs| {
+            let mut run = |ws: super::skinny::Weights| -> Result<()> {
+                // SAFETY: few_rows(m) holds; `out` has room for m × n (spare capacity or the
+                // residual), x is m × k and w n × k row-major; every element is written (or
+                // read and rewritten) before `set_len`.
+                unsafe {
+                    let dst = out.as_mut_ptr();
+                    #[rustfmt::skip]
+                    super::skinny::linear(m, n, k, dst, n, residual.is_some(), xs.as_ptr(), k,
+                                          ws, epi, threads);
+                    out.set_len(len);
+                }
+                Ok(())
+            };
+            match w.dtype() {
+                DType::BF16 => super::with_cpu(w, |ws| run(super::skinny::Weights::Bf16(ws))),
+                _ => with_cpu_f32(w, |ws| run(super::skinny::Weights::F32(ws))),
+            }
+        })?;
+        return Ok(Tensor::from_vec(out, last_dim(dims, n), x.device())?);
+    }
     with_cpu_f32(x, |xs| {
         with_cpu_f32(w, |ws| {
             // SAFETY: `out` has room for m × n (its spare capacity, or the residual's values);

@@ -16,6 +16,8 @@ pub mod mlp;
 pub mod norm;
 pub(crate) mod sgemm;
 pub(crate) mod simd;
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod skinny;
 mod winograd;
 use crate::residency::{Param, ParamPath};
 pub use attention::{attention, attention_scaled};
@@ -55,13 +57,21 @@ impl Linear {
         epilogue: dense::Epilogue,
         residual: Option<&Tensor>,
     ) -> Result<Tensor> {
-        let w = self.weight.get()?;
         let b = self.bias.as_ref().map(Param::get).transpose()?;
+        let rest = [Some(x), b.as_ref(), residual];
+        let cpu = dense::supported(&rest.into_iter().flatten().collect::<Vec<_>>());
+        let rows = x.elem_count() / x.dims().last().copied().unwrap_or(1).max(1);
+        // Few rows on the CPU: a bf16-held weight goes to the kernel as it is held.
+        let w = if cpu && dense::few_rows(rows) {
+            self.weight.get_stored()?
+        } else {
+            self.weight.get()?
+        };
         crate::profile::span(
             || format!("linear {:?} x {:?} {epilogue:?}", x.dims(), w.dims()),
             || {
-                let all = [Some(x), Some(&w), b.as_ref(), residual];
-                if dense::supported(&all.into_iter().flatten().collect::<Vec<_>>()) {
+                let w_ok = matches!(w.dtype(), DType::F32 | DType::BF16);
+                if cpu && w_ok && matches!(w.device(), candle_core::Device::Cpu) {
                     return dense::linear_ext(x, &w, b.as_ref(), epilogue, residual);
                 }
                 let y = candle_nn::Linear::new(w.clone(), b.clone()).forward(x)?;
@@ -163,11 +173,19 @@ impl Conv2d {
 /// Runs `f` on the f32 data of a CPU tensor: in place when it is contiguous, otherwise on one
 /// contiguous copy. The CPU kernels (`conv2d`, `norm`) read their inputs through this.
 pub(crate) fn with_cpu_f32<T>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<T>) -> Result<T> {
+    with_cpu(t, f)
+}
+
+/// The contiguous CPU data of `t` as `D` (its dtype).
+pub(crate) fn with_cpu<D: candle_core::WithDType, T>(
+    t: &Tensor,
+    f: impl FnOnce(&[D]) -> Result<T>,
+) -> Result<T> {
     let t = t.contiguous()?;
     let (storage, layout) = t.storage_and_layout();
     match &*storage {
         candle_core::Storage::Cpu(cpu) => {
-            let all = cpu.as_slice::<f32>()?;
+            let all = cpu.as_slice::<D>()?;
             let start = layout.start_offset();
             f(&all[start..start + t.elem_count()])
         }

@@ -74,7 +74,7 @@ pub(crate) fn amx_on() -> bool {
 
 /// AVX-512 is there and `LOWTIDE_GEMM=crate` (the `gemm` crate everywhere, for side-by-side
 /// measurements) is not set.
-fn enabled() -> bool {
+pub(crate) fn enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| {
         super::simd::Isa::detect() == super::simd::Isa::Avx512

@@ -569,6 +569,15 @@ impl WeightProvider for ManagedWeights {
         self.held(spec).widen(&t, self.dtype)
     }
 
+    /// A bf16-held weight of an f32 component as it is held: no copy.
+    fn get_stored(&self, spec: &ParamSpec) -> Result<Tensor> {
+        let t = self.get_held(spec)?;
+        match self.held(spec) {
+            Held::Dtype(DType::BF16) if self.dtype == DType::F32 => Ok(t),
+            h => h.widen(&t, self.dtype),
+        }
+    }
+
     fn contains(&self, name: &str) -> bool {
         self.store.get(name).is_some()
     }

@@ -40,6 +40,11 @@ pub struct ParamSpec {
 pub trait WeightProvider: Send + Sync {
     /// The tensor for `spec`, on the execution device in the compute dtype.
     fn get(&self, spec: &ParamSpec) -> Result<Tensor>;
+    /// [`WeightProvider::get`], except that a weight held in bf16 for an f32 computation may
+    /// come as held: for kernels that widen it themselves (`layers::skinny`).
+    fn get_stored(&self, spec: &ParamSpec) -> Result<Tensor> {
+        self.get(spec)
+    }
     /// Whether the checkpoint holds a tensor of this name (for layout differences between
     /// library versions, e.g. CLIP's `text_model.` prefix).
     fn contains(&self, name: &str) -> bool;
@@ -65,6 +70,11 @@ pub struct Param {
 impl Param {
     pub fn get(&self) -> Result<Tensor> {
         self.src.get(&self.spec)
+    }
+    /// The weight in the compute dtype, or in bf16 if it is held so (see
+    /// [`WeightProvider::get_stored`]).
+    pub fn get_stored(&self) -> Result<Tensor> {
+        self.src.get_stored(&self.spec)
     }
     pub fn spec(&self) -> &ParamSpec {
         &self.spec
