@@ -28,13 +28,17 @@ pub enum Epilogue {
     GeluTanh,
 }
 
-/// Whether an `m`-row linear takes the few-row kernel (`layers/skinny.rs`), which also reads
-/// bf16 weights as they are (so [`linear_ext`] may be handed a bf16-held weight then).
-pub fn few_rows(m: usize) -> bool {
+/// Whether an `m`-row linear with `bf16` (else f32) weights takes the few-row kernel
+/// (`layers/skinny.rs`), which reads bf16 weights as they are (so [`linear_ext`] may be handed
+/// a bf16-held weight then).
+pub fn few_rows(m: usize, bf16: bool) -> bool {
     #[cfg(target_arch = "x86_64")]
-    return super::skinny::takes(m);
+    return super::skinny::takes(m, bf16);
     #[cfg(not(target_arch = "x86_64"))]
-    false
+    {
+        let _ = (m, bf16);
+        false
+    }
 }
 
 /// `x · wᵀ + b` over the last dim of `x` (`(…, k)`), `w` `(n, k)` as stored.
@@ -57,7 +61,8 @@ pub fn linear_ext(
     let len = m * n;
     // bf16 weights are read as they are by the few-row kernel only.
     let widened;
-    let w = if w.dtype() != DType::F32 && !few_rows(m) {
+    let bf16 = w.dtype() == DType::BF16;
+    let w = if w.dtype() != DType::F32 && !few_rows(m, bf16) {
         widened = w.to_dtype(DType::F32)?;
         &widened
     } else {
@@ -91,11 +96,11 @@ pub fn linear_ext(
         },
     };
     #[cfg(target_arch = "x86_64")]
-    if few_rows(m) {
+    if few_rows(m, bf16) {
         let threads = if m * n * k >= 1 << 16 { threads } else { 1 };
         with_cpu_f32(x, |xs| {
             let mut run = |ws: super::skinny::Weights| -> Result<()> {
-                // SAFETY: few_rows(m) holds; `out` has room for m × n (spare capacity or the
+                // SAFETY: few_rows(m, bf16) holds; `out` has room for m × n (spare capacity or the
                 // residual), x is m × k and w n × k row-major; every element is written (or
                 // read and rewritten) before `set_len`.
                 unsafe {

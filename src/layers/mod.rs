@@ -62,7 +62,7 @@ impl Linear {
         let cpu = dense::supported(&rest.into_iter().flatten().collect::<Vec<_>>());
         let rows = x.elem_count() / x.dims().last().copied().unwrap_or(1).max(1);
         // Few rows on the CPU: a bf16-held weight goes to the kernel as it is held.
-        let w = if cpu && dense::few_rows(rows) {
+        let w = if cpu && dense::few_rows(rows, true) {
             self.weight.get_stored()?
         } else {
             self.weight.get()?

@@ -15,10 +15,13 @@ use rayon::prelude::*;
 use super::sgemm::Epilogue;
 use super::simd::Isa;
 
-/// Rows up to this take the kernel: against `sgemm` on `tools/bench/shapes.txt`'s few-row
-/// linears (2-core Sapphire Rapids) it is 2.3x faster at 1 row, 1.75x at 8, 1.45x at 16 and
-/// 1.1x at 24 and 32.
+/// Rows up to this take the kernel with f32 weights: against `sgemm` on
+/// `tools/bench/shapes.txt`'s few-row linears it is 2.3x / 1.75x / 1.45x / 1.1x faster at 1 / 8
+/// / 16 / 32 rows on Sapphire Rapids, 3.7x / 2.1x / 1.9x / 1.5x on Zen 4 (1.3x at 48 there).
 pub const MAX_ROWS: usize = 32;
+/// With bf16 weights: the other path first widens the whole weight to f32 (a copy as large as
+/// the product's own time at these sizes), so the kernel stays ahead further.
+pub const MAX_ROWS_BF16: usize = 64;
 
 /// Input rows per pass over a group of weight rows: 6 × 4 accumulators, 4 weight vectors and
 /// one input vector fill the 32 registers.
@@ -26,16 +29,17 @@ const R: usize = 6;
 /// Weight rows (output features) per group.
 const C: usize = 4;
 
-/// Whether an `m`-row linear runs here: few rows, AVX-512, the `gemm` crate not forced, and
-/// not a product the AMX kernels take.
-pub fn takes(m: usize) -> bool {
+/// Whether an `m`-row linear (weights `bf16` or f32) runs here: few rows, AVX-512, the `gemm`
+/// crate not forced, and not a product the AMX kernels take.
+pub fn takes(m: usize, bf16: bool) -> bool {
     static VL: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     let vl = *VL.get_or_init(|| {
         is_x86_feature_detected!("avx512bw") && is_x86_feature_detected!("avx512vl")
     });
     // From AMX_MIN_ROWS the bf16x3 kernels, where in force, are faster still.
     let amx = m >= super::sgemm::AMX_MIN_ROWS && super::sgemm::amx_on();
-    (1..=MAX_ROWS).contains(&m) && !amx && vl && super::sgemm::enabled()
+    let max = if bf16 { MAX_ROWS_BF16 } else { MAX_ROWS };
+    (1..=max).contains(&m) && !amx && vl && super::sgemm::enabled()
 }
 
 /// The weights, `n × k` row-major.
@@ -222,12 +226,12 @@ mod tests {
     use super::*;
     use crate::layers::sgemm::RowFn;
 
-    /// Row counts 1 to MAX_ROWS, column counts off the group size, K off the vector width, with
+    /// Row counts 1 to MAX_ROWS_BF16, column counts off the group size, K off the vector width, with
     /// bias, read-back and activation, f32 weights against a float64 reference, and bf16
     /// weights bit for bit equal to the f32 run on their widened values.
     #[test]
     fn few_row_linear_matches_a_reference_and_bf16_is_its_widening() {
-        if !takes(1) {
+        if !takes(1, false) {
             eprintln!("few_row_linear_matches_a_reference: no AVX-512 here; not run");
             return;
         }
@@ -244,6 +248,7 @@ mod tests {
             (5, 9, 31),
             (7, 64, 300),
             (16, 130, 1000),
+            (MAX_ROWS_BF16, 21, 70),
         ] {
             let lda = k + 2;
             let x: Vec<f32> = (0..m * lda).map(|_| rnd()).collect();
