@@ -603,13 +603,7 @@ mod tests {
             eprintln!("bf16x3_linear_matches_a_reference: this CPU has no AMX-BF16; not run");
             return;
         }
-        let mut seed = 7u64;
-        let mut rnd = move || {
-            seed = seed
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
-        };
+        let mut rnd = crate::layers::test_rng(7);
         for &(m, n, k) in &[
             (32, 32, 32),
             (33, 47, 31),

@@ -457,6 +457,17 @@ pub(crate) fn max_abs(t: &Tensor) -> f32 {
         .expect("a non-empty tensor")
 }
 
+/// Deterministic floats in [-0.5, 0.5) (a 64-bit LCG) for the kernels' tests.
+#[cfg(test)]
+pub(crate) fn test_rng(mut seed: u64) -> impl FnMut() -> f32 {
+    move || {
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

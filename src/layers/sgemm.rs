@@ -672,13 +672,7 @@ mod tests {
     /// and threads, the AVX-512 path and the `gemm` crate fallback, against a float64 reference.
     #[test]
     fn linear_matches_a_reference() {
-        let mut seed = 1u64;
-        let mut rnd = move || {
-            seed = seed
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
-        };
+        let mut rnd = crate::layers::test_rng(1);
         let sizes = [
             (1, 16, 1),
             (13, 17, 5),

@@ -235,13 +235,7 @@ mod tests {
             eprintln!("few_row_linear_matches_a_reference: no AVX-512 here; not run");
             return;
         }
-        let mut seed = 3u64;
-        let mut rnd = move || {
-            seed = seed
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
-        };
+        let mut rnd = crate::layers::test_rng(3);
         for &(m, n, k) in &[
             (1, 1, 1),
             (1, 37, 100),
