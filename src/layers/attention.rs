@@ -298,11 +298,7 @@ thread_local! {
 struct Scratch {
     qt: Vec<f32>,
     s: Vec<f32>,
-    m: Vec<f32>,
-    l: Vec<f32>,
-    alpha: Vec<f32>,
-    mx: Vec<f32>,
-    sum: Vec<f32>,
+    stats: Stats,
     /// Under bf16x3 ([`query_tile_amx`]): the packed Qᵀ, K tile, P tile and V tile.
     packed: [Vec<u16>; 4],
 }
@@ -312,14 +308,78 @@ impl Scratch {
     fn fit(&mut self, d: usize) {
         self.qt.resize(d * TILE_Q, 0.0);
         self.s.resize(TILE_K * TILE_Q, 0.0);
-        for v in [
-            &mut self.m,
-            &mut self.l,
-            &mut self.alpha,
-            &mut self.mx,
-            &mut self.sum,
-        ] {
+        let st = &mut self.stats;
+        for v in [&mut st.m, &mut st.l, &mut st.alpha, &mut st.mx, &mut st.sum] {
             v.resize(TILE_Q, 0.0);
+        }
+    }
+}
+
+/// A query tile's running softmax statistics (see [`Step`]), one value per query.
+#[derive(Default)]
+struct Stats {
+    m: Vec<f32>,
+    l: Vec<f32>,
+    alpha: Vec<f32>,
+    mx: Vec<f32>,
+    sum: Vec<f32>,
+}
+
+impl Stats {
+    /// Before the first key tile of `ld` queries.
+    fn start(&mut self, ld: usize) {
+        self.m[..ld].fill(f32::NEG_INFINITY);
+        self.l[..ld].fill(0.0);
+    }
+
+    /// The softmax step over key tile `j0`'s scores `s` (key-major, `ld` per key), then the
+    /// rescale of the first `rows` rows of the output accumulated so far (`o`, row length `dv`).
+    #[allow(clippy::too_many_arguments)]
+    fn step(
+        &mut self,
+        isa: Isa,
+        s: &mut [f32],
+        (ld, rows): (usize, usize),
+        bias: Option<TileBias>,
+        j0: usize,
+        o: &mut [f32],
+        dv: usize,
+    ) {
+        let bias = bias.map(|b| TileBias {
+            start: b.start + j0 * b.col,
+            ..b
+        });
+        softmax_step(
+            isa,
+            Step {
+                s,
+                ld,
+                rows,
+                bias,
+                m: &mut self.m[..ld],
+                l: &mut self.l[..ld],
+                alpha: &mut self.alpha[..ld],
+                mx: &mut self.mx[..ld],
+                sum: &mut self.sum[..ld],
+                first: j0 == 0,
+            },
+        );
+        if j0 > 0 {
+            for (orow, &a) in o.chunks_exact_mut(dv).zip(&self.alpha[..rows]) {
+                if a != 1.0 {
+                    orow.iter_mut().for_each(|x| *x *= a);
+                }
+            }
+        }
+    }
+
+    /// Divides the first `rows` output rows by their sums. A row whose every key is masked has
+    /// l = 0 and gives NaN, as the composed softmax.
+    fn finish(&self, o: &mut [f32], rows: usize, dv: usize) {
+        for (orow, &l) in o.chunks_exact_mut(dv).zip(&self.l[..rows]) {
+            for x in orow {
+                *x /= l;
+            }
         }
     }
 }
@@ -351,8 +411,7 @@ fn query_tile(
             qt[kk * ld + i] = x * scale;
         }
     }
-    sc.m[..ld].fill(f32::NEG_INFINITY);
-    sc.l[..ld].fill(0.0);
+    sc.stats.start(ld);
     let mut j0 = 0;
     while j0 < lk {
         let kn = TILE_K.min(lk - j0);
@@ -368,32 +427,7 @@ fn query_tile(
                  qt.as_ptr(), ld as isize, 1, k.as_ptr().add(j0 * d), d as isize, 1,
                  0.0f32, 1.0f32, false, false, false, Parallelism::None);
         }
-        let bias = bias.map(|b| TileBias {
-            start: b.start + j0 * b.col,
-            ..b
-        });
-        softmax_step(
-            isa,
-            Step {
-                s,
-                ld,
-                rows,
-                bias,
-                m: &mut sc.m[..ld],
-                l: &mut sc.l[..ld],
-                alpha: &mut sc.alpha[..ld],
-                mx: &mut sc.mx[..ld],
-                sum: &mut sc.sum[..ld],
-                first: j0 == 0,
-            },
-        );
-        if j0 > 0 {
-            for (orow, &a) in o.chunks_exact_mut(dv).zip(&sc.alpha[..rows]) {
-                if a != 1.0 {
-                    orow.iter_mut().for_each(|x| *x *= a);
-                }
-            }
-        }
+        sc.stats.step(isa, s, (ld, rows), bias, j0, o, dv);
         // SAFETY: O is rows × dv (row stride dv) inside `o`, which only this task writes; P is
         // the score tile, P(i, j) at j·ld + i; V's tile is kn × dv inside `v`.
         unsafe {
@@ -404,12 +438,7 @@ fn query_tile(
         }
         j0 += kn;
     }
-    for (orow, &l) in o.chunks_exact_mut(dv).zip(&sc.l[..rows]) {
-        // A row whose every key is masked has l = 0 and gives NaN, as the composed softmax.
-        for x in orow {
-            *x /= l;
-        }
-    }
+    sc.stats.finish(o, rows, dv);
 }
 
 /// Value head sizes up to this take the bf16x3 kernel under precision `High`.
@@ -449,8 +478,7 @@ unsafe fn query_tile_amx(
             qt[kk * ld + i] = x * scale;
         }
     }
-    sc.m[..ld].fill(f32::NEG_INFINITY);
-    sc.l[..ld].fill(0.0);
+    sc.stats.start(ld);
     // Packed sizes: groups of 16 (rows or columns, rounded up to 32) × K steps × (hi, lo).
     let size = |mn: usize, kk: usize| mn.div_ceil(32) * 2 * kk.div_ceil(32) * 2 * TILE;
     let [bq, ak, ap, bv] = &mut sc.packed;
@@ -484,32 +512,7 @@ unsafe fn query_tile_amx(
         }
         let c = (s.as_mut_ptr(), ld);
         amx::blocks(ak, bq, steps_d, (kn, ld), c, true, &exact, &mut none);
-        let bias = bias.map(|b| TileBias {
-            start: b.start + j0 * b.col,
-            ..b
-        });
-        softmax_step(
-            isa,
-            Step {
-                s,
-                ld,
-                rows,
-                bias,
-                m: &mut sc.m[..ld],
-                l: &mut sc.l[..ld],
-                alpha: &mut sc.alpha[..ld],
-                mx: &mut sc.mx[..ld],
-                sum: &mut sc.sum[..ld],
-                first: j0 == 0,
-            },
-        );
-        if j0 > 0 {
-            for (orow, &a) in o.chunks_exact_mut(dv).zip(&sc.alpha[..rows]) {
-                if a != 1.0 {
-                    orow.iter_mut().for_each(|x| *x *= a);
-                }
-            }
-        }
+        sc.stats.step(isa, s, (ld, rows), bias, j0, o, dv);
         let steps_k = kn.div_ceil(32);
         for g in 0..rows.div_ceil(32) * 2 {
             let r = 16.min(rows.saturating_sub(g * 16));
@@ -526,11 +529,7 @@ unsafe fn query_tile_amx(
         j0 += kn;
     }
     amx::release();
-    for (orow, &l) in o.chunks_exact_mut(dv).zip(&sc.l[..rows]) {
-        for x in orow {
-            *x /= l;
-        }
-    }
+    sc.stats.finish(o, rows, dv);
 }
 
 /// One online-softmax step over a key-major score tile (kn keys × ld queries, row stride ld).
