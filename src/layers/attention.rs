@@ -315,6 +315,24 @@ impl Scratch {
     }
 }
 
+impl Scratch {
+    /// Starts a query tile of `rows` queries of size `d`: Qᵀ·scale into `qt` (`ld` per row of
+    /// Qᵀ, padded to the vector width with zeros) and fresh softmax statistics; returns `ld`.
+    fn start(&mut self, q: &[f32], (rows, d): (usize, usize), scale: f32) -> usize {
+        let ld = rows.next_multiple_of(LANES);
+        let qt = &mut self.qt[..d * ld];
+        qt.fill(0.0);
+        for (i, qrow) in q.chunks_exact(d).enumerate() {
+            for (kk, &x) in qrow.iter().enumerate() {
+                // (q·scale)·kᵀ as the composed path computes it.
+                qt[kk * ld + i] = x * scale;
+            }
+        }
+        self.stats.start(ld);
+        ld
+    }
+}
+
 /// A query tile's running softmax statistics (see [`Step`]), one value per query.
 #[derive(Default)]
 struct Stats {
@@ -402,16 +420,8 @@ fn query_tile(
     (rows, lk, d, dv): (usize, usize, usize, usize),
     scale: f32,
 ) {
-    let ld = rows.next_multiple_of(LANES);
-    let qt = &mut sc.qt[..d * ld];
-    qt.fill(0.0);
-    for (i, qrow) in q.chunks_exact(d).enumerate() {
-        for (kk, &x) in qrow.iter().enumerate() {
-            // (q·scale)·kᵀ as the composed path computes it.
-            qt[kk * ld + i] = x * scale;
-        }
-    }
-    sc.stats.start(ld);
+    let ld = sc.start(q, (rows, d), scale);
+    let qt = &sc.qt[..d * ld];
     let mut j0 = 0;
     while j0 < lk {
         let kn = TILE_K.min(lk - j0);
@@ -470,15 +480,8 @@ unsafe fn query_tile_amx(
     scale: f32,
 ) {
     use super::amx::{self, TILE};
-    let ld = rows.next_multiple_of(LANES);
-    let qt = &mut sc.qt[..d * ld];
-    qt.fill(0.0);
-    for (i, qrow) in q.chunks_exact(d).enumerate() {
-        for (kk, &x) in qrow.iter().enumerate() {
-            qt[kk * ld + i] = x * scale;
-        }
-    }
-    sc.stats.start(ld);
+    let ld = sc.start(q, (rows, d), scale);
+    let qt = &sc.qt[..d * ld];
     // Packed sizes: groups of 16 (rows or columns, rounded up to 32) × K steps × (hi, lo).
     let size = |mn: usize, kk: usize| mn.div_ceil(32) * 2 * kk.div_ceil(32) * 2 * TILE;
     let [bq, ak, ap, bv] = &mut sc.packed;
