@@ -59,15 +59,18 @@ pub fn linear_ext(
     let dims = x.dims();
     let m = x.elem_count() / k.max(1);
     let len = m * n;
-    // bf16 weights are read as they are by the few-row kernel only.
+    // bf16 weights are read as they are by the few-row kernel only; anything else not f32
+    // (f16, a bf16 weight of many rows) is widened first.
     let widened;
-    let bf16 = w.dtype() == DType::BF16;
-    let w = if w.dtype() != DType::F32 && !few_rows(m, bf16) {
-        widened = w.to_dtype(DType::F32)?;
-        &widened
-    } else {
-        w
+    let w = match w.dtype() {
+        DType::F32 => w,
+        DType::BF16 if few_rows(m, true) => w,
+        _ => {
+            widened = w.to_dtype(DType::F32)?;
+            &widened
+        }
     };
+    let bf16 = w.dtype() == DType::BF16;
     let b = b.map(|b| b.to_vec1::<f32>()).transpose()?;
     // The output starts as the residual (read by the GEMM), or is written by it from scratch.
     let mut out = match residual {
@@ -262,6 +265,24 @@ mod tests {
         let want = x.matmul(&w.t().unwrap()).unwrap();
         let d = max_abs(&(linear(&x, &w, None).unwrap() - &want).unwrap());
         assert!(d < 1e-5, "{d}");
+    }
+
+    /// bf16 and f16 weights, few rows (the bf16 ones read as they are) and many (widened
+    /// first), give what their f32 widening gives.
+    #[test]
+    fn half_weights_equal_their_f32_widening() {
+        let dev = Device::Cpu;
+        for (rows, dtype) in [(3, DType::BF16), (200, DType::BF16), (3, DType::F16)] {
+            let x = Tensor::randn(0f32, 1.0, (rows, 40), &dev).unwrap();
+            let w = Tensor::randn(0f32, 0.2, (21, 40), &dev)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let wide = w.to_dtype(DType::F32).unwrap();
+            let want = linear(&x, &wide, None).unwrap();
+            let d = max_abs(&(linear(&x, &w, None).unwrap() - &want).unwrap());
+            assert!(d <= 1e-5 * max_abs(&want), "{rows} rows, {dtype:?}: {d}");
+        }
     }
 
     #[test]
