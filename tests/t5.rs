@@ -405,3 +405,24 @@ fn missing_t5_tokenizer_json_is_explained() {
         "{msg}"
     );
 }
+
+/// Wan's T5 is its `text_encoder`: a config error names the file read, not FLUX's folder.
+#[test]
+fn t5_config_errors_name_the_component_read() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("text_encoder");
+    copy_dir(&model("tiny-wan21").join("text_encoder"), &dir);
+    let cfg_path = dir.join("config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    cfg["num_layers"] = serde_json::json!(1_000_000_000u64);
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    let c = open(tmp.path(), "text_encoder", DType::F32);
+    let msg = match c.build(T5EncoderModel::new) {
+        Err(e) => e.to_string(),
+        Ok(_) => panic!("num_layers = 1e9 was accepted"),
+    };
+    let file = cfg_path.display().to_string();
+    assert!(msg.contains(&file) && msg.contains("`num_layers`"), "{msg}");
+    assert!(!msg.contains("text_encoder_2"), "{msg}");
+}

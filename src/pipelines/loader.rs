@@ -313,7 +313,22 @@ impl Component {
     ) -> Result<(M, C)> {
         let cfg: C = self.config()?;
         let pp = self.param_root();
-        let model = new(&pp, &cfg)?;
+        // A model file names its usual folder in config errors (T5 is FLUX's `text_encoder_2`
+        // but Wan's `text_encoder`): name the file really read.
+        let model = new(&pp, &cfg).map_err(|e| match e {
+            Error::UnsupportedConfig {
+                file,
+                field,
+                value,
+                hint,
+            } if file.ends_with("config.json") => Error::UnsupportedConfig {
+                file: self.dir.join("config.json").display().to_string(),
+                field,
+                value,
+                hint,
+            },
+            e => e,
+        })?;
         self.validate(&pp)?;
         Ok((model, cfg))
     }
