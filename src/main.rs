@@ -19,7 +19,7 @@ use lowtide::pipelines::{
     LoadOptions, OffloadPlan,
 };
 use lowtide::residency::device_map::{parse_bytes, parse_max_memory};
-use lowtide::residency::{DeviceMap, StoragePlan, Strategy};
+use lowtide::residency::{DeviceMap, PinMemory, StoragePlan, Strategy};
 use lowtide::validate::{arg_f32, output_path};
 
 use lowtide::schedulers::SchedulerKind;
@@ -258,6 +258,10 @@ struct MemoryArgs {
     /// Group offload: do not prefetch the next group.
     #[arg(long)]
     no_prefetch: bool,
+    /// With --device cuda and offloading: pinned host copies of the offloaded weights, up to
+    /// `auto` (half the available host memory), `off` or a size such as 16GiB.
+    #[arg(long, default_value = "auto")]
+    pin_memory: String,
     /// Place whole components on devices: `balanced` (with --max-memory) or COMPONENT=DEVICE,...
     #[arg(long)]
     device_map: Option<String>,
@@ -408,6 +412,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
     let (root, mut opts) = args.model.open()?;
     opts.device_map = device_map;
     opts.storage = storage;
+    opts.pin_memory = PinMemory::parse(&args.memory.pin_memory)?;
     let device = opts.device.clone();
     let init_image = args
         .init_image

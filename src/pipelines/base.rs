@@ -16,7 +16,8 @@ use crate::device::parse_device;
 use crate::error::{Error, Result};
 use crate::models::{AutoencoderKL, VaeMemory, VaeOptions};
 use crate::residency::{
-    plan_balanced, Accounting, DeviceMap, StoragePlan, Strategy, WeightProvider,
+    plan_balanced, Accounting, DeviceMap, HostTier, PinMemory, StoragePlan, Strategy,
+    WeightProvider,
 };
 use crate::rng::TorchRng;
 use crate::schedulers::Scheduler;
@@ -36,6 +37,8 @@ pub struct LoadOptions {
     pub device_map: Option<DeviceMapSpec>,
     /// The dtype resident weights are kept in, per component (diffusers' layerwise casting).
     pub storage: StoragePlan,
+    /// The budget of pinned host copies of weights offloaded from a GPU (`residency::host`).
+    pub pin_memory: PinMemory,
 }
 
 impl Default for LoadOptions {
@@ -46,6 +49,7 @@ impl Default for LoadOptions {
             variant: None,
             device_map: None,
             storage: StoragePlan::default(),
+            pin_memory: PinMemory::default(),
         }
     }
 }
@@ -156,6 +160,13 @@ impl PipelineBase {
         opts.storage
             .check_components(specs.iter().map(|s| s.name))?;
         let acct = Arc::new(Accounting::default());
+        // One host tier for the pipeline's GPU; nothing to pin for the CPU.
+        let host = match opts.pin_memory.budget() {
+            Some(limit) if opts.device.is_cuda() => {
+                Some(Arc::new(HostTier::new(limit, acct.clone())))
+            }
+            _ => None,
+        };
         let components = specs
             .iter()
             .map(|s| {
@@ -170,6 +181,7 @@ impl PipelineBase {
                 )?;
                 c.weights
                     .set_storage(opts.storage.for_component(s.name, s.denoiser))?;
+                c.weights.set_host_tier(host.clone());
                 Ok(c)
             })
             .collect::<Result<Vec<_>>>()?;

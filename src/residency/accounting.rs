@@ -21,6 +21,9 @@ struct Stats {
     transferred: u64,
     transfer_seconds: f64,
     stall_seconds: f64,
+    pinned: u64,
+    peak_pinned: u64,
+    pageable: u64,
 }
 
 /// Shared by every component of a pipeline.
@@ -53,6 +56,13 @@ pub struct UsageReport {
     /// Wall time since the counters were reset, less the stalls.
     pub compute_seconds: f64,
     pub wall_seconds: f64,
+    /// Page-locked host memory holding copies of weights offloaded from a GPU (the host tier,
+    /// `residency::host`), now and at its peak; 0 on the CPU.
+    pub pinned_host_bytes: u64,
+    pub peak_pinned_host_bytes: u64,
+    /// Bytes copied onto the GPU from pageable memory because the host tier's budget was spent
+    /// (or page-locking was refused).
+    pub pageable_transfer_bytes: u64,
 }
 
 impl Accounting {
@@ -91,6 +101,18 @@ impl Accounting {
         s.transfer_seconds += seconds;
     }
 
+    /// The host tier now holds `bytes` pinned.
+    pub fn set_pinned(&self, bytes: u64) {
+        let mut s = self.lock();
+        s.pinned = bytes;
+        s.peak_pinned = s.peak_pinned.max(bytes);
+    }
+
+    /// `bytes` went to the GPU from pageable memory instead of the host tier.
+    pub fn pageable(&self, bytes: u64) {
+        self.lock().pageable += bytes;
+    }
+
     pub fn stalled(&self, seconds: f64) {
         self.lock().stall_seconds += seconds;
     }
@@ -113,6 +135,8 @@ impl Accounting {
         s.transferred = 0;
         s.transfer_seconds = 0.0;
         s.stall_seconds = 0.0;
+        s.peak_pinned = s.pinned;
+        s.pageable = 0;
         *self.since.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
     }
 
@@ -133,6 +157,9 @@ impl Accounting {
             stall_seconds: s.stall_seconds,
             compute_seconds: (wall - s.stall_seconds).max(0.0),
             wall_seconds: wall,
+            pinned_host_bytes: s.pinned,
+            peak_pinned_host_bytes: s.peak_pinned,
+            pageable_transfer_bytes: s.pageable,
         }
     }
 }

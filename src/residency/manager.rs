@@ -22,6 +22,7 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor};
 
 use super::accounting::Accounting;
+use super::host::HostTier;
 use super::storage::{held, Held, StorageDtype};
 use super::{ParamSpec, WeightProvider};
 use crate::error::{Error, Result};
@@ -61,21 +62,58 @@ fn load_held(store: &WeightStore, spec: &ParamSpec, h: Held, device: &Device) ->
     h.narrow(store.load(&spec.name, &spec.shape, h.read_dtype(), device)?)
 }
 
-/// Reads `specs` from storage. Returns the tensors and the seconds it took.
-fn load_all(
-    store: &WeightStore,
-    specs: &[(ParamSpec, Held)],
-    device: &Device,
-) -> Result<(Loaded, f64)> {
+/// Where a component's weights come from: its checkpoint, through the host tier when the
+/// component is offloaded from a GPU. Cloned into the prefetch thread.
+#[derive(Clone)]
+struct Source {
+    store: Arc<WeightStore>,
+    host: Option<Arc<HostTier>>,
+    component: Arc<str>,
+}
+
+impl Source {
+    fn load(&self, spec: &ParamSpec, h: Held, device: &Device) -> Result<Tensor> {
+        match &self.host {
+            Some(host) if device.is_cuda() => host.load(
+                &format!("{}/{}", self.component, spec.name),
+                h.dtype(),
+                &spec.shape,
+                || load_held(&self.store, spec, h, &Device::Cpu),
+                device,
+            ),
+            _ => load_held(&self.store, spec, h, device),
+        }
+    }
+
+    /// Orders the copies enqueued so far before the calling thread's next computation.
+    fn ready_for_compute(&self, device: &Device) -> Result<()> {
+        match &self.host {
+            Some(host) => host.ready_for_compute(device),
+            None => Ok(()),
+        }
+    }
+
+    /// Waits until the copies enqueued so far have landed.
+    fn ready_on_host(&self, device: &Device) -> Result<()> {
+        match &self.host {
+            Some(host) => host.ready_on_host(device),
+            // Without a host tier the copies ran on this thread's stream (candle uses per-thread
+            // default streams). A no-op on the CPU.
+            None => Ok(device.synchronize()?),
+        }
+    }
+}
+
+/// Reads `specs` from storage. Returns the tensors and the seconds it took. The group is complete
+/// on the device when this returns (the prefetch thread hands it over only then, and the transfer
+/// time is honest).
+fn load_all(src: &Source, specs: &[(ParamSpec, Held)], device: &Device) -> Result<(Loaded, f64)> {
     let t0 = Instant::now();
     let mut out = HashMap::with_capacity(specs.len());
     for (s, h) in specs {
-        out.insert(s.name.clone(), load_held(store, s, *h, device)?);
+        out.insert(s.name.clone(), src.load(s, *h, device)?);
     }
-    // On CUDA the copies run on this thread's stream (candle uses per-thread default streams),
-    // which nothing orders before the compute thread's: wait for them here, so a prefetched
-    // group is complete when handed over and the transfer time is honest. A no-op on the CPU.
-    device.synchronize()?;
+    src.ready_on_host(device)?;
     Ok((out, t0.elapsed().as_secs_f64()))
 }
 
@@ -125,6 +163,8 @@ pub struct ManagedWeights {
     storage: Mutex<Option<StorageDtype>>,
     strategy: Mutex<Strategy>,
     acct: Arc<Accounting>,
+    /// Pinned host copies for weights offloaded from a GPU (used by every strategy but `None`).
+    host: Mutex<Option<Arc<HostTier>>>,
     declared: Mutex<Vec<ParamSpec>>,
     /// Offload units in construction order.
     units: Mutex<Vec<String>>,
@@ -148,6 +188,7 @@ impl ManagedWeights {
             storage: Mutex::new(None),
             strategy: Mutex::new(Strategy::None),
             acct,
+            host: Mutex::default(),
             declared: Mutex::default(),
             units: Mutex::default(),
             state: Mutex::default(),
@@ -164,6 +205,23 @@ impl ManagedWeights {
 
     pub fn strategy(&self) -> Strategy {
         *lock(&self.strategy)
+    }
+
+    /// Gives the component the pipeline's host tier (`None`: weights always come from the
+    /// checkpoint files).
+    pub fn set_host_tier(&self, host: Option<Arc<HostTier>>) {
+        *lock(&self.host) = host;
+    }
+
+    /// The source of loads under the strategy in force: the host tier only for offloaded weights
+    /// (a resident component's single copy needs no host copy).
+    fn source(&self) -> Source {
+        let offloaded = self.strategy() != Strategy::None;
+        Source {
+            store: self.store.clone(),
+            host: lock(&self.host).clone().filter(|_| offloaded),
+            component: self.component.as_str().into(),
+        }
     }
 
     /// Every parameter the model declared (for `Model`'s whole-component load).
@@ -257,7 +315,9 @@ impl ManagedWeights {
     fn load_one(&self, spec: &ParamSpec) -> Result<Tensor> {
         let t0 = Instant::now();
         let device = lock(&self.device).clone();
-        let t = load_held(&self.store, spec, self.held(spec), &device)?;
+        let src = self.source();
+        let t = src.load(spec, self.held(spec), &device)?;
+        src.ready_for_compute(&device)?;
         let secs = t0.elapsed().as_secs_f64();
         self.acct.transferred(bytes_of(&t), secs);
         self.acct.stalled(secs);
@@ -435,7 +495,7 @@ impl ManagedWeights {
                         .map(|g| self.with_held(&g[gi]))
                         .unwrap_or_default();
                     let device = lock(&self.device).clone();
-                    let (tensors, secs) = load_all(&self.store, &specs, &device)?;
+                    let (tensors, secs) = load_all(&self.source(), &specs, &device)?;
                     let b: u64 = tensors.values().map(bytes_of).sum();
                     self.acct.transferred(b, secs);
                     self.acct.add(&self.component, b);
@@ -457,11 +517,11 @@ impl ManagedWeights {
                     .unwrap_or_default();
                 let bytes: u64 = specs.iter().map(|(s, _)| self.held_bytes(s)).sum();
                 self.acct.add(&self.component, bytes);
-                let store = self.store.clone();
+                let src = self.source();
                 let device = lock(&self.device).clone();
                 let handle = std::thread::Builder::new()
                     .name("lowtide-prefetch".into())
-                    .spawn(move || load_all(&store, &specs, &device))
+                    .spawn(move || load_all(&src, &specs, &device))
                     .map_err(|e| Error::InvalidArgument(format!("cannot start prefetch: {e}")))?;
                 st.group.in_flight = Some(InFlight {
                     group: next,

@@ -9,6 +9,7 @@
 
 pub mod accounting;
 pub mod device_map;
+pub mod host;
 pub mod manager;
 pub mod storage;
 
@@ -20,6 +21,7 @@ use crate::error::Result;
 
 pub use accounting::{Accounting, ComponentUsage, UsageReport};
 pub use device_map::{plan_balanced, DeviceMap};
+pub use host::{HostTier, PinMemory};
 pub use manager::{resident_estimate, ManagedWeights, Strategy};
 pub use storage::{StorageDtype, StoragePlan};
 

@@ -131,6 +131,14 @@ impl Held {
         }
     }
 
+    /// The dtype of the held tensor (fp8 e5m2 lives in a U8 tensor).
+    pub fn dtype(self) -> DType {
+        match self {
+            Held::Dtype(d) => d,
+            Held::F8E5M2 => DType::U8,
+        }
+    }
+
     /// The dtype to read the file into before [`Held::narrow`].
     pub fn read_dtype(self) -> DType {
         match self {

@@ -25,8 +25,9 @@
 # tiny-wan21, tiny-wan22-ti2v, tiny-wan22-a14b):
 #   1. `generate --device cuda --save-tensors` against the same run with `--device cpu`: every
 #      tensor (prompt embeddings, final latents, image or video) within GPU_CHECK_TOL;
-#   2. `--offload model|group|sequential` (and group without prefetch) on the GPU are
-#      bit-identical to `--offload none` on the GPU;
+#   2. `--offload model|group|sequential` (and group without prefetch, and group without the
+#      pinned host tier: --pin-memory off) on the GPU are bit-identical to `--offload none` on
+#      the GPU, and group offload's report shows its weights came through pinned host memory;
 # and the same for a few variants: VAE tiling (--tile-size 32) on SD 1.5 and Wan 2.1, weight
 # storage in bf16 (SD 2), f8e4m3 (FLUX dev) and f8e5m2 (Wan 2.1).
 # Exit status 0 only when every check passed. The summary table goes to stdout.
@@ -182,7 +183,7 @@ rows=()
 run() { # case-tag fixture ref|dut offload [flags...] -> $work/tag.{ref,dut}.offload.{safetensors,json,log}
     local tag=$1.$3.$4 name=$2 dev=$gpu off=$4 args ext
     [ "$3" = ref ] && dev=cpu
-    [ "$off" = group-np ] && off=group
+    case $off in group-np|group-up) off=group ;; esac
     shift 4
     args=$(family_args "$fixtures/$name") || return 2
     ext=${args##*OUT.}
@@ -231,18 +232,25 @@ for c in "${cases[@]}"; do
         3) row="$row skipped (no python3) |" ;;
         *) row="$row FAIL ($(max_rel)) |"; fails=$((fails + 1)) ;;
     esac
-    for off in model group sequential group-np; do
+    for off in model group sequential group-np group-up; do
         extra=("${flags[@]}")
         [ $off = group-np ] && extra+=(--no-prefetch)
+        [ $off = group-up ] && extra+=(--pin-memory off)
         if ! run "$tag" "$name" dut $off "${extra[@]}"; then
             tail -n 5 "$work/$tag.dut.$off.log" >&2
             row="$row run failed |"; fails=$((fails + 1)); continue
         fi
         echo "== $c: $gpu $off vs none" >> "$work/compare.log"
-        if compare "$work/$tag.dut.none.safetensors" "$work/$tag.dut.$off.safetensors" 0; then
-            row="$row identical |"
-        else
+        pinned=$(sed -n 's/.*"peak_pinned_host_bytes": *\([0-9]*\).*/\1/p' "$work/$tag.dut.$off.json" | head -n1)
+        if ! compare "$work/$tag.dut.none.safetensors" "$work/$tag.dut.$off.safetensors" 0; then
             row="$row DIFFERENT |"; fails=$((fails + 1))
+        elif [ $dry = 0 ] && [ $off = group ] && [ "${pinned:-0}" = 0 ]; then
+            # On a GPU, offloaded weights must come through the host tier (--pin-memory auto).
+            row="$row identical, but nothing pinned |"; fails=$((fails + 1))
+        elif [ $off = group ]; then
+            row="$row identical (pinned $(awk "BEGIN {printf \"%.1f\", ${pinned:-0} / 1048576}") MiB) |"
+        else
+            row="$row identical |"
         fi
     done
     rows+=("$row")
@@ -251,8 +259,8 @@ done
 echo
 echo "lowtide $("$bin" --version 2>/dev/null | awk '{print $2}') on $gpu; GPU vs CPU: max|gpu - cpu| / max|cpu| over the saved tensors (tolerance $tol); offload vs none on $gpu: bit-identity"
 echo
-echo "| pipeline, flags | $gpu vs cpu | model | group | sequential | group, no prefetch |"
-echo "|---|---|---|---|---|---|"
+echo "| pipeline, flags | $gpu vs cpu | model | group | sequential | group, no prefetch | group, --pin-memory off |"
+echo "|---|---|---|---|---|---|---|"
 printf '%s\n' "${rows[@]}"
 [ -n "$keep" ] && echo && echo "outputs, logs and compare.log in $work"
 
@@ -271,8 +279,8 @@ if [ -n "$medium" ]; then
     echo
     echo "Offload on $(basename "$medium") ($size x $size, $steps steps, f32, $gpu):"
     echo
-    echo "| strategy | wall s (--report) | vs none | process wall s | peak device MiB (nvidia-smi, above idle) | peak of the device's memory pool MiB (--report) | peak resident weights MiB (--report) | % of none's | peak host RSS MiB |"
-    echo "|---|---|---|---|---|---|---|---|---|"
+    echo "| strategy | wall s (--report) | vs none | process wall s | peak device MiB (nvidia-smi, above idle) | peak of the device's memory pool MiB (--report) | peak resident weights MiB (--report) | % of none's | peak host RSS MiB | pinned host MiB (--report) |"
+    echo "|---|---|---|---|---|---|---|---|---|---|"
     json_num() { sed -n "s/.*\"$1\": *\([0-9.e+-]*\).*/\1/p" "$2" | head -n1; }
     base_wall=
     base_res=
@@ -281,7 +289,8 @@ if [ -n "$medium" ]; then
     "$bin" generate --model "$medium" --prompt "warm-up" --steps 1 --width "$size" --height "$size" \
         --device "$gpu" --out "$work/medium.warmup.png" > "$work/medium.warmup.log" 2>&1 ||
         { tail -n 5 "$work/medium.warmup.log" >&2; die "the warm-up run on $medium failed"; }
-    for s in none model "group --blocks-per-group 1" "group --blocks-per-group 1 --no-prefetch" sequential; do
+    for s in none model "group --blocks-per-group 1" "group --blocks-per-group 1 --no-prefetch" \
+        "group --blocks-per-group 1 --pin-memory off" sequential; do
         tag=medium.$(echo "$s" | tr -c 'a-z0-9\n' '-')
         read -r -a sargs <<< "--offload $s"
         idle=0
@@ -309,7 +318,7 @@ if [ -n "$medium" ]; then
         proc_wall=$(awk "BEGIN {printf \"%.1f\", ($(date +%s%N) - $start) / 1e9}")
         if [ $status != 0 ]; then
             tail -n 5 "$work/$tag.log" >&2
-            echo "| $s | failed (exit $status) | | | | | | | |"; fails=$((fails + 1)); continue
+            echo "| $s | failed (exit $status) | | | | | | | | |"; fails=$((fails + 1)); continue
         fi
         wall=$(json_num wall_seconds "$work/$tag.json")
         res=$(json_num peak_resident_bytes "$work/$tag.json")
@@ -321,11 +330,12 @@ if [ -n "$medium" ]; then
         # device_memory.
         pool=$(json_num pool_peak_used_bytes "$work/$tag.json")
         pool=${pool:+$(awk "BEGIN {printf \"%.0f\", $pool / 1048576}")}
+        pinned=$(json_num peak_pinned_host_bytes "$work/$tag.json")
         : "${base_wall:=$wall}" "${base_res:=$res}"
         awk -v s="$s" -v w="$wall" -v bw="$base_wall" -v pw="$proc_wall" -v d="$dev_mib" \
-            -v p="${pool:-n/a}" -v r="$res" -v br="$base_res" -v rss="$rss" 'BEGIN {
-            printf "| %s | %.2f | %.2fx | %s | %s | %s | %.1f | %.0f %% | %s |\n", s, w, w / bw, pw, d,
-                p, r / 1048576, (br > 0 ? 100 * r / br : 0), rss }'
+            -v p="${pool:-n/a}" -v r="$res" -v br="$base_res" -v rss="$rss" -v pin="${pinned:-0}" 'BEGIN {
+            printf "| %s | %.2f | %.2fx | %s | %s | %s | %.1f | %.0f %% | %s | %.0f |\n", s, w, w / bw, pw, d,
+                p, r / 1048576, (br > 0 ? 100 * r / br : 0), rss, pin / 1048576 }'
     done
     echo
     echo "targets (issue 13): model <= 1.10x, group with prefetch <= 1.05x at <= 15 % of the weights resident, sequential <= 1.5x"
