@@ -60,8 +60,8 @@ pub struct UsageReport {
     /// `residency::host`), now and at its peak; 0 on the CPU.
     pub pinned_host_bytes: u64,
     pub peak_pinned_host_bytes: u64,
-    /// Bytes copied onto the GPU from pageable memory because the host tier's budget was spent
-    /// (or page-locking was refused).
+    /// Bytes copied onto the GPU from pageable memory by the host tier: first loads (a weight is
+    /// pinned when it is loaded again), loads past its budget or refused page-locking.
     pub pageable_transfer_bytes: u64,
 }
 

@@ -2,8 +2,10 @@
 //! a weight onto the GPU is one DMA, issued on a transfer stream of its own, that runs while the
 //! GPU computes (diffusers' group offload with `use_stream=True` pins its CPU weights likewise).
 //!
-//! A weight is pinned the first time it is loaded (read from its safetensors file in the form it
-//! is held in) and copied from there on every later load. Pinned pages cannot be swapped out and
+//! A weight is pinned the second time it is loaded (read from its safetensors file in the form it
+//! is held in) and copied from there on every later load; its first load is a pageable copy, so
+//! that a weight loaded once per run (model offload from the command line) never pays for
+//! page-locking. Pinned pages cannot be swapped out and
 //! come from the host's RAM, so a budget bounds them (`--pin-memory`; by default half the memory
 //! available when the pipeline opens); a weight past the budget is copied from pageable memory,
 //! on the same stream, as without a host tier. On the CPU there is nothing to pin: the weights
@@ -12,7 +14,7 @@
 // Without the `cuda` feature only the bookkeeping's tests use the cache.
 #![cfg_attr(not(feature = "cuda"), allow(dead_code))]
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use candle_core::{DType, Device, Tensor};
@@ -67,6 +69,8 @@ struct PinCache<B> {
 
 struct CacheState<B> {
     entries: HashMap<String, (Arc<B>, u64)>,
+    /// Keys loaded at least once.
+    seen: HashSet<String>,
     /// Bytes of the entries plus those reserved for buffers being filled.
     used: u64,
 }
@@ -77,6 +81,7 @@ impl<B> PinCache<B> {
             limit,
             state: Mutex::new(CacheState {
                 entries: HashMap::new(),
+                seen: HashSet::new(),
                 used: 0,
             }),
         }
@@ -100,6 +105,11 @@ impl<B> PinCache<B> {
             }
             None => None,
         }
+    }
+
+    /// Notes a load of `key`; whether it had been loaded before (pinning pays from its reuse on).
+    fn reused(&self, key: &str) -> bool {
+        !self.lock().seen.insert(key.to_string())
     }
 
     /// Sets `bytes` aside for a buffer about to be filled, if the budget has room. The buffer is
@@ -303,7 +313,7 @@ mod gpu {
                     // Not in the form announced: no pinned copy (the caller's checks name it).
                     return plain(dev, cpu);
                 }
-                let buf = if tier.cache.reserve(bytes) {
+                let buf = if tier.cache.reused(key) && tier.cache.reserve(bytes) {
                     let ctx = dev.cuda_stream().context().clone();
                     let buf = with_cpu::<T, _>(&cpu, |s| pin(&ctx, s))?;
                     if buf.is_none() {
@@ -314,8 +324,8 @@ mod gpu {
                     None
                 };
                 let Some(buf) = buf else {
-                    // Past the budget, or page-locking refused (ulimit, cgroup): a pageable copy,
-                    // which the driver stages before the call returns.
+                    // A first load, past the budget, or page-locking refused (ulimit, cgroup): a
+                    // pageable copy, which the driver stages before the call returns.
                     tier.acct.pageable(bytes);
                     return with_cpu::<T, _>(&cpu, |s| upload(&stream, dev, s, shape))?;
                 };
@@ -423,6 +433,14 @@ mod tests {
         c.insert("b", vec![2; 40], 40);
         assert_eq!(c.used(), 100);
         assert!(!c.reserve(1));
+    }
+
+    #[test]
+    fn cache_pins_on_reuse_only() {
+        let c: PinCache<Vec<u8>> = PinCache::new(100);
+        assert!(!c.reused("a"));
+        assert!(c.reused("a"));
+        assert!(!c.reused("b"));
     }
 
     #[test]
