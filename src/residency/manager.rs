@@ -59,7 +59,13 @@ fn bytes_of(t: &Tensor) -> u64 {
 
 /// Reads one weight from storage in the form it is held in.
 fn load_held(store: &WeightStore, spec: &ParamSpec, h: Held, device: &Device) -> Result<Tensor> {
-    h.narrow(store.load(&spec.name, &spec.shape, h.read_dtype(), device)?)
+    match h {
+        // Narrowed to fp8 on the CPU, where it is read: only the held bytes travel.
+        Held::F8E5M2 if !device.is_cpu() => Ok(h
+            .narrow(store.load(&spec.name, &spec.shape, h.read_dtype(), &Device::Cpu)?)?
+            .to_device(device)?),
+        _ => h.narrow(store.load(&spec.name, &spec.shape, h.read_dtype(), device)?),
+    }
 }
 
 /// Where a component's weights come from: its checkpoint, through the host tier when the

@@ -168,10 +168,8 @@ impl Held {
         match self {
             Held::Dtype(d) if d == compute => Ok(t.clone()),
             Held::Dtype(_) => Ok(t.to_dtype(compute)?),
-            Held::F8E5M2 => {
-                let table: Vec<f32> = (0..=255u8)
-                    .map(|b| float8::F8E5M2::from_bits(b).to_f32())
-                    .collect();
+            Held::F8E5M2 if t.device().is_cpu() => {
+                let table = e5m2_table();
                 let vals: Vec<f32> = t
                     .flatten_all()?
                     .to_vec1::<u8>()?
@@ -180,8 +178,27 @@ impl Held {
                     .collect();
                 Ok(Tensor::from_vec(vals, t.dims(), t.device())?.to_dtype(compute)?)
             }
+            // On a GPU, a gather from the table there: no round trip through the host.
+            Held::F8E5M2 => widen_e5m2_gather(t, compute),
         }
     }
+}
+
+/// Every fp8 e5m2 value, by its bits.
+fn e5m2_table() -> Vec<f32> {
+    (0..=255u8)
+        .map(|b| float8::F8E5M2::from_bits(b).to_f32())
+        .collect()
+}
+
+/// fp8 e5m2 bytes (a U8 tensor) widened by gathering from the table on the tensor's device.
+fn widen_e5m2_gather(t: &Tensor, compute: DType) -> Result<Tensor> {
+    let table = Tensor::new(e5m2_table().as_slice(), t.device())?;
+    // u32 indices: candle reads the index type's largest value (255 for u8, a NaN here) as
+    // padding and gathers 0 for it.
+    let idx = t.flatten_all()?.to_dtype(DType::U32)?;
+    let vals = table.index_select(&idx, 0)?;
+    Ok(vals.reshape(t.dims())?.to_dtype(compute)?)
 }
 
 /// How a weight with this name, castability and file dtype is held under `storage`.
@@ -215,6 +232,21 @@ mod tests {
         assert!(skipped("pos_embed.proj.weight"));
         assert!(skipped("condition_embedder.time_embedder.linear_1.weight"));
         assert!(!skipped("blocks.0.attn1.to_q.weight"));
+    }
+
+    /// The GPU's gather widens every e5m2 byte as the CPU's loop does (NaNs included).
+    #[test]
+    fn e5m2_gather_equals_the_table_loop() {
+        let dev = candle_core::Device::Cpu;
+        let bytes = Tensor::from_vec((0..=255u8).collect::<Vec<_>>(), (16, 16), &dev).unwrap();
+        let looped = Held::F8E5M2.widen(&bytes, DType::F32).unwrap();
+        let gathered = widen_e5m2_gather(&bytes, DType::F32).unwrap();
+        assert_eq!(gathered.dims(), &[16, 16]);
+        let bits = |t: &Tensor| -> Vec<u32> {
+            let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            v.into_iter().map(f32::to_bits).collect()
+        };
+        assert_eq!(bits(&looped), bits(&gathered));
     }
 
     #[test]
