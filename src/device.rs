@@ -1,7 +1,7 @@
 //! Execution devices named on the command line. Asking for an accelerator that is not there is an
 //! error, never a silent fallback to the CPU.
 
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Error, Result};
 
@@ -59,6 +59,26 @@ pub fn available() -> Vec<String> {
         }
     }
     out
+}
+
+/// The contiguous data of the CPU tensor `t` as `D` (its dtype), for code that reads elements in
+/// place (CPU kernels, the host tier's copies).
+pub(crate) fn with_cpu<D: candle_core::WithDType, T>(
+    t: &Tensor,
+    f: impl FnOnce(&[D]) -> Result<T>,
+) -> Result<T> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    match &*storage {
+        candle_core::Storage::Cpu(cpu) => {
+            let all = cpu.as_slice::<D>()?;
+            let start = layout.start_offset();
+            f(&all[start..start + t.elem_count()])
+        }
+        _ => Err(Error::InvalidArgument(
+            "expected a CPU tensor (a CPU kernel or a host copy was handed a device tensor)".into(),
+        )),
+    }
 }
 
 /// Parses `f32`, `f16` or `bf16` as a compute dtype.

@@ -116,7 +116,9 @@ pub fn linear_ext(
                 Ok(())
             };
             match w.dtype() {
-                DType::BF16 => super::with_cpu(w, |ws| run(super::skinny::Weights::Bf16(ws))),
+                DType::BF16 => {
+                    crate::device::with_cpu(w, |ws| run(super::skinny::Weights::Bf16(ws)))
+                }
                 _ => with_cpu_f32(w, |ws| run(super::skinny::Weights::F32(ws))),
             }
         })?;

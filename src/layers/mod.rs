@@ -173,26 +173,7 @@ impl Conv2d {
 /// Runs `f` on the f32 data of a CPU tensor: in place when it is contiguous, otherwise on one
 /// contiguous copy. The CPU kernels (`conv2d`, `norm`) read their inputs through this.
 pub(crate) fn with_cpu_f32<T>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<T>) -> Result<T> {
-    with_cpu(t, f)
-}
-
-/// The contiguous CPU data of `t` as `D` (its dtype).
-pub(crate) fn with_cpu<D: candle_core::WithDType, T>(
-    t: &Tensor,
-    f: impl FnOnce(&[D]) -> Result<T>,
-) -> Result<T> {
-    let t = t.contiguous()?;
-    let (storage, layout) = t.storage_and_layout();
-    match &*storage {
-        candle_core::Storage::Cpu(cpu) => {
-            let all = cpu.as_slice::<D>()?;
-            let start = layout.start_offset();
-            f(&all[start..start + t.elem_count()])
-        }
-        _ => Err(crate::error::Error::InvalidArgument(
-            "CPU kernel: expected a CPU tensor".into(),
-        )),
-    }
+    crate::device::with_cpu(t, f)
 }
 
 /// [`with_cpu_f32`] for several tensors at once.

@@ -236,6 +236,7 @@ mod gpu {
     use candle_core::{DType, Device, Storage, Tensor, WithDType};
 
     use super::{HostTier, Pinned};
+    use crate::device::with_cpu;
     use crate::error::{Error, Result};
 
     fn cuda_err(e: impl std::error::Error + Send + Sync + 'static) -> Error {
@@ -309,13 +310,9 @@ mod gpu {
             Some(p) => p,
             None => {
                 let cpu = read()?;
-                if cpu.dtype() != dtype || cpu.dims() != shape {
-                    // Not in the form announced: no pinned copy (the caller's checks name it).
-                    return plain(dev, cpu);
-                }
                 let buf = if tier.cache.reused(key) && tier.cache.reserve(bytes) {
                     let ctx = dev.cuda_stream().context().clone();
-                    let buf = with_cpu::<T, _>(&cpu, |s| pin(&ctx, s))?;
+                    let buf = with_cpu::<T, _>(&cpu, |s| Ok(pin(&ctx, s)))?;
                     if buf.is_none() {
                         tier.cache.unreserve(bytes);
                     }
@@ -327,7 +324,7 @@ mod gpu {
                     // A first load, past the budget, or page-locking refused (ulimit, cgroup): a
                     // pageable copy, which the driver stages before the call returns.
                     tier.acct.pageable(bytes);
-                    return with_cpu::<T, _>(&cpu, |s| upload(&stream, dev, s, shape))?;
+                    return with_cpu::<T, _>(&cpu, |s| upload(&stream, dev, s, shape));
                 };
                 let p = Pinned {
                     dtype,
@@ -359,21 +356,6 @@ mod gpu {
         let mut buf = unsafe { ctx.alloc_pinned_with_flags::<T>(src.len(), 0) }.ok()?;
         buf.as_mut_slice().ok()?.copy_from_slice(src);
         Some(buf)
-    }
-
-    /// The contiguous elements of a CPU tensor.
-    fn with_cpu<T: WithDType, R>(t: &Tensor, f: impl FnOnce(&[T]) -> R) -> Result<R> {
-        let t = t.contiguous()?;
-        let (storage, layout) = t.storage_and_layout();
-        match &*storage {
-            Storage::Cpu(cpu) => {
-                let start = layout.start_offset();
-                Ok(f(&cpu.as_slice::<T>()?[start..start + t.elem_count()]))
-            }
-            _ => Err(Error::InvalidArgument(
-                "the host tier pins CPU tensors only".into(),
-            )),
-        }
     }
 
     /// Enqueues the copy of `src` into a new device buffer on the transfer stream and wraps the

@@ -57,15 +57,11 @@ fn bytes_of(t: &Tensor) -> u64 {
     (t.elem_count() * t.dtype().size_in_bytes()) as u64
 }
 
-/// Reads one weight from storage in the form it is held in.
+/// Reads one weight from storage in the form it is held in. It is made on the CPU, where the file
+/// is read (so an fp8 e5m2 weight travels as its held bytes), then moved to `device`.
 fn load_held(store: &WeightStore, spec: &ParamSpec, h: Held, device: &Device) -> Result<Tensor> {
-    match h {
-        // Narrowed to fp8 on the CPU, where it is read: only the held bytes travel.
-        Held::F8E5M2 if !device.is_cpu() => Ok(h
-            .narrow(store.load(&spec.name, &spec.shape, h.read_dtype(), &Device::Cpu)?)?
-            .to_device(device)?),
-        _ => h.narrow(store.load(&spec.name, &spec.shape, h.read_dtype(), device)?),
-    }
+    let t = store.load(&spec.name, &spec.shape, h.read_dtype(), &Device::Cpu)?;
+    Ok(h.narrow(t)?.to_device(device)?)
 }
 
 /// Where a component's weights come from: its checkpoint, through the host tier when the
