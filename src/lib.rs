@@ -11,6 +11,8 @@ pub mod io;
 pub mod layers;
 pub mod models;
 pub mod pipelines;
+pub mod planner;
+pub mod plot;
 pub mod profile;
 pub mod residency;
 pub mod rng;

@@ -14,11 +14,14 @@ use lowtide::io::{
 };
 use lowtide::layers::MatmulPrecision;
 use lowtide::models::VaeOptions;
+use lowtide::pipelines::planning::{apply_plan, plan_run, Budget, PlanOptions};
 use lowtide::pipelines::{
     decode_or_retry_tiled, load_any_vae, resolve_model, AnyVae, DeviceMapSpec, GenerateRequest,
     LoadOptions, OffloadPlan,
 };
+use lowtide::residency::accounting::Timeline;
 use lowtide::residency::device_map::{parse_bytes, parse_max_memory};
+use lowtide::residency::manager::Resident;
 use lowtide::residency::{DeviceMap, PinMemory, StoragePlan, Strategy};
 use lowtide::validate::{arg_f32, output_path};
 
@@ -46,6 +49,23 @@ struct Cli {
 enum Command {
     /// Generate images from a prompt (txt2img), or from an init image (img2img).
     Generate(Box<GenerateArgs>),
+    /// Print the plan `generate --memory-budget` would run (per component and phase, predicted
+    /// peaks and time, the runners-up), without loading weights. Same arguments as `generate`.
+    Plan {
+        #[command(flatten)]
+        args: Box<GenerateArgs>,
+        /// Print the plan as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Draw a saved `--report` as a picture of memory over time.
+    Plot {
+        /// A report written by `generate --report FILE.json`.
+        report: PathBuf,
+        /// The picture: .svg or .png.
+        #[arg(short, long)]
+        out: PathBuf,
+    },
     /// Run the pipeline's VAE alone.
     Vae {
         #[command(subcommand)]
@@ -221,13 +241,33 @@ struct VaeArgs {
     /// more means fewer passes and more memory, equal results).
     #[arg(long, value_name = "N")]
     decode_chunk_size: Option<usize>,
-    /// Turn tiling on, with the largest tile that fits, when the untiled decode would exceed this
-    /// (e.g. 2GiB). Without it nothing changes behind your back.
+    /// generate/plan: the memory the whole run may use (the process's RAM on the CPU; on a GPU
+    /// its memory, or cuda=SIZE,cpu=SIZE); lowtide plans the fastest run that fits. vae
+    /// decode/encode: turn tiling on, with the largest tile that fits, when the untiled
+    /// decode would exceed it. Without it nothing changes behind your back.
     #[arg(long, value_name = "BYTES")]
     memory_budget: Option<String>,
+    /// With --memory-budget: the planner may choose VAE tiling (not bit-identical to an untiled
+    /// decode) when it is faster or the only way to fit.
+    #[arg(long)]
+    allow_lossy: bool,
+    /// With --memory-budget: what the process holds before loading any weight (default:
+    /// measured, plus the run's thread overhead). For programs that hold more, and for tests.
+    #[arg(long, value_name = "SIZE", hide = true)]
+    plan_baseline: Option<String>,
 }
 
 impl VaeArgs {
+    fn options_unbudgeted(&self) -> VaeOptions {
+        VaeOptions {
+            tiling: self.tiling,
+            tile_size: self.tile_size,
+            tile_overlap: self.tile_overlap,
+            slicing: self.slicing,
+            memory_budget: None,
+        }
+    }
+
     fn options(&self) -> Result<VaeOptions> {
         Ok(VaeOptions {
             tiling: self.tiling,
@@ -242,13 +282,23 @@ impl VaeArgs {
                 .context("--memory-budget")?,
         })
     }
+
+    /// generate's whole-run budget.
+    fn budget(&self) -> Result<Option<Budget>> {
+        self.memory_budget
+            .as_deref()
+            .map(Budget::parse)
+            .transpose()
+            .context("--memory-budget")
+    }
 }
 
 #[derive(Args)]
 struct MemoryArgs {
-    /// Offload strategy: none, model, sequential or group.
-    #[arg(long, default_value = "none")]
-    offload: String,
+    /// Offload strategy: none (the default), model, sequential or group. With --memory-budget,
+    /// a strategy given here is kept and planned around.
+    #[arg(long)]
+    offload: Option<String>,
     /// Keep this component resident (text_encoder, unet, vae); repeatable.
     #[arg(long = "keep-on-device", value_name = "COMPONENT")]
     keep_on_device: Vec<String>,
@@ -258,6 +308,17 @@ struct MemoryArgs {
     /// Group offload: do not prefetch the next group.
     #[arg(long)]
     no_prefetch: bool,
+    /// Group offload: keep the K largest groups resident for the whole run and stream the
+    /// others (partial residency).
+    #[arg(long, value_name = "K", conflicts_with = "resident_bytes")]
+    resident_groups: Option<usize>,
+    /// Group offload: keep the largest groups resident, up to SIZE (e.g. 2GiB), per component.
+    #[arg(long, value_name = "SIZE")]
+    resident_bytes: Option<String>,
+    /// Draw resident memory over the run (per component, total, process RSS, phases, budget,
+    /// transfers and stalls) into FILE.svg or FILE.png.
+    #[arg(long, value_name = "FILE")]
+    report_plot: Option<PathBuf>,
     /// With --device cuda and offloading: pinned host copies of the offloaded weights, up to
     /// `auto` (half the available host memory), `off` or a size such as 16GiB.
     #[arg(long, default_value = "auto")]
@@ -274,20 +335,37 @@ struct MemoryArgs {
 }
 
 impl MemoryArgs {
-    fn strategy(&self) -> Result<Strategy> {
-        let group = self.offload == "group";
-        if !group && (self.blocks_per_group != 1 || self.no_prefetch) {
+    /// Partial residency from `--resident-groups`/`--resident-bytes`.
+    fn resident(&self) -> Result<Option<Resident>> {
+        Ok(match (self.resident_groups, &self.resident_bytes) {
+            (Some(k), _) => Some(Resident::Groups(k)),
+            (None, Some(b)) => Some(Resident::Bytes(parse_bytes(b).context("--resident-bytes")?)),
+            (None, None) => None,
+        })
+    }
+
+    /// The strategy given (`None` when `--offload` was not), checked against the flags that
+    /// only mean something with it. With a budget (`planned`), `--keep-on-device` needs no
+    /// `--offload`: it fixes that component resident and the planner places the rest.
+    fn strategy(&self, planned: bool) -> Result<Option<Strategy>> {
+        let offload = self.offload.as_deref();
+        let group = offload == Some("group");
+        let resident = self.resident_groups.is_some() || self.resident_bytes.is_some();
+        if !group && (self.blocks_per_group != 1 || self.no_prefetch || resident) {
             anyhow::bail!(
-                "--blocks-per-group and --no-prefetch apply to --offload group only (got --offload {})",
-                self.offload
+                "--blocks-per-group, --no-prefetch, --resident-groups and --resident-bytes apply                  to --offload group only (got --offload {})",
+                offload.unwrap_or("none")
             );
         }
-        if self.offload == "none" && !self.keep_on_device.is_empty() {
+        if !planned && offload.unwrap_or("none") == "none" && !self.keep_on_device.is_empty() {
             anyhow::bail!(
                 "--keep-on-device keeps a component out of offloading; it needs --offload model, sequential or group"
             );
         }
-        Ok(match self.offload.as_str() {
+        let Some(offload) = offload else {
+            return Ok(None);
+        };
+        Ok(Some(match offload {
             "none" => Strategy::None,
             "model" => Strategy::Model,
             "sequential" => Strategy::Sequential,
@@ -303,7 +381,7 @@ impl MemoryArgs {
             other => anyhow::bail!(
                 "unknown --offload strategy `{other}`; choose none, model, sequential or group"
             ),
-        })
+        }))
     }
 
     fn device_map(&self) -> Result<Option<DeviceMapSpec>> {
@@ -334,7 +412,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     lowtide::weights::mapped::explain_bus_errors();
     let result = match cli.command {
-        Command::Generate(args) => generate(*args),
+        Command::Generate(args) => generate(*args, None),
+        Command::Plan { args, json } => generate(*args, Some(json)),
+        Command::Plot { report, out } => plot(&report, &out),
         Command::Vae { command } => vae(*command),
     };
     eprint!("{}", lowtide::profile::report());
@@ -347,7 +427,9 @@ fn main() -> ExitCode {
     }
 }
 
-fn generate(args: GenerateArgs) -> Result<()> {
+/// Runs `generate`, or with `plan_only` (`Some(json)`) prints its plan and stops before loading
+/// any weight.
+fn generate(args: GenerateArgs, plan_only: Option<bool>) -> Result<()> {
     // Check cheap arguments and every output path before loading gigabytes.
     let video = model_class(&args.model.model).is_some_and(|c| lowtide::pipelines::makes_video(&c));
     let out_path = args
@@ -377,6 +459,18 @@ fn generate(args: GenerateArgs) -> Result<()> {
     if let Some(p) = &args.memory.report {
         output_path("--report", p, &["json"])?;
     }
+    if let Some(p) = &args.memory.report_plot {
+        output_path("--report-plot", p, &["svg", "png"])?;
+    }
+    let budget = args.vae.budget()?;
+    if args.vae.allow_lossy && budget.is_none() {
+        anyhow::bail!(
+            "--allow-lossy lets --memory-budget choose VAE tiling; it needs --memory-budget"
+        );
+    }
+    if plan_only.is_some() && budget.is_none() {
+        anyhow::bail!("lowtide plan needs --memory-budget SIZE (the memory the run may use)");
+    }
     if let Some(g) = args.guidance {
         arg_f32("--guidance", g)?;
     }
@@ -399,8 +493,16 @@ fn generate(args: GenerateArgs) -> Result<()> {
             anyhow::bail!("--strength must be in (0, 1]; got {s}");
         }
     }
-    let strategy = args.memory.strategy()?;
+    let given = args.memory.strategy(budget.is_some())?;
+    let strategy = given.unwrap_or(Strategy::None);
+    let resident = args.memory.resident()?;
     let device_map = args.memory.device_map()?;
+    if device_map.is_some() && budget.is_some() {
+        anyhow::bail!(
+            "--memory-budget plans offloading, which a device map excludes; drop --device-map \
+             (reset the map) or --memory-budget"
+        );
+    }
     if device_map.is_some()
         && (strategy != Strategy::None || !args.memory.keep_on_device.is_empty())
     {
@@ -413,6 +515,15 @@ fn generate(args: GenerateArgs) -> Result<()> {
     opts.device_map = device_map;
     opts.storage = storage;
     opts.pin_memory = PinMemory::parse(&args.memory.pin_memory)?;
+    // On a GPU, `--memory-budget ...,cpu=SIZE` bounds host RAM: the pinned copies of offloaded
+    // weights (the host tier) get at most half of it, unless --pin-memory says otherwise.
+    if let (Some(cpu), false, PinMemory::Auto) = (
+        budget.and_then(|b| b.cpu),
+        opts.device.is_cpu(),
+        opts.pin_memory,
+    ) {
+        opts.pin_memory = PinMemory::Limit(cpu / 2);
+    }
     let device = opts.device.clone();
     let init_image = args
         .init_image
@@ -452,14 +563,8 @@ fn generate(args: GenerateArgs) -> Result<()> {
             );
         }
     }
-    let plan = OffloadPlan {
-        keep_on_device: args.memory.keep_on_device.clone(),
-        ..OffloadPlan::uniform(strategy)
-    };
-    pipe.base_mut().set_offload(&plan)?;
-    pipe.base().accounting.reset();
     let (default_steps, default_guidance) = pipe.defaults();
-    let req = GenerateRequest {
+    let mut req = GenerateRequest {
         prompt: args.prompt,
         negative_prompt: args.negative_prompt,
         steps: args.steps.unwrap_or(default_steps),
@@ -474,11 +579,76 @@ fn generate(args: GenerateArgs) -> Result<()> {
         latents,
         init_image,
         strength: args.strength.unwrap_or(1.0),
-        vae: args.vae.options()?,
+        // generate's --memory-budget is the whole run's (the planner's), not the VAE's own.
+        vae: VaeOptions {
+            memory_budget: None,
+            ..args.vae.options_unbudgeted()
+        },
         frames: args.frames,
         guidance_2: args.guidance_2,
         decode_chunk_size: args.vae.decode_chunk_size,
     };
+    let plan = match budget {
+        Some(budget) => {
+            // What the user fixed is planned around: --offload for every component but those
+            // kept on the device, which stay resident.
+            let mut fixed = std::collections::BTreeMap::new();
+            for name in pipe.base().order {
+                if pipe.base().component(name).is_err() {
+                    continue;
+                }
+                if args.memory.keep_on_device.iter().any(|k| k == name) {
+                    fixed.insert(name.to_string(), Strategy::None);
+                } else if let Some(s) = given {
+                    fixed.insert(name.to_string(), s);
+                }
+            }
+            for k in &args.memory.keep_on_device {
+                pipe.base().component(k)?;
+            }
+            let opts = PlanOptions {
+                budget,
+                allow_lossy: args.vae.allow_lossy,
+                fixed,
+                fixed_resident: resident,
+                baseline: args
+                    .vae
+                    .plan_baseline
+                    .as_deref()
+                    .map(parse_bytes)
+                    .transpose()
+                    .context("--plan-baseline")?,
+            };
+            let plan = plan_run(pipe.as_ref(), &req, &opts)?;
+            if let Some(json) = plan_only {
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&plan)?);
+                } else {
+                    print!("{}", plan.describe());
+                }
+                return Ok(());
+            }
+            apply_plan(pipe.as_mut(), &plan, &mut req)?;
+            eprintln!("{}", plan_line(&plan));
+            Some(plan)
+        }
+        None => {
+            let mut plan = OffloadPlan {
+                keep_on_device: args.memory.keep_on_device.clone(),
+                ..OffloadPlan::uniform(strategy)
+            };
+            if let Some(r) = resident {
+                for name in pipe.base().order {
+                    if pipe.base().component(name).is_ok() {
+                        plan.resident.insert(name.to_string(), r);
+                    }
+                }
+            }
+            pipe.base_mut().set_offload(&plan)?;
+            None
+        }
+    };
+    pipe.base().accounting.reset();
     let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
     bar.set_style(
         ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {elapsed_precise} ({eta})")
@@ -495,9 +665,14 @@ fn generate(args: GenerateArgs) -> Result<()> {
         eprintln!("{note}");
     }
     let usage = pipe.base().accounting.report();
+    let strategy_name = if plan.is_some() {
+        "planned"
+    } else {
+        strategy.name()
+    };
     eprintln!(
         "offload {}: peak resident {:.1} MiB, {:.1} MiB moved, {:.2} s moving / {:.2} s waiting, {:.2} s wall",
-        strategy.name(),
+        strategy_name,
         usage.peak_resident_bytes as f64 / MIB,
         usage.bytes_transferred as f64 / MIB,
         usage.transfer_seconds,
@@ -516,13 +691,44 @@ fn generate(args: GenerateArgs) -> Result<()> {
         save_tensors(path, &out.named_tensors())?;
         eprintln!("wrote {}", path.display());
     }
+    let plan = plan.map(|mut p| {
+        measured_phases(&mut p, &usage.timeline);
+        p
+    });
+    if let Some(p) = &plan {
+        for ph in &p.phases {
+            if let Some(m) = ph.measured_peak_bytes {
+                eprintln!(
+                    "  {}: predicted peak {:.0} MiB, measured {:.0} MiB",
+                    ph.label,
+                    ph.predicted_peak_bytes as f64 / MIB,
+                    m as f64 / MIB
+                );
+            }
+        }
+    }
+    if let Some(path) = &args.memory.report_plot {
+        let info = lowtide::plot::PlotInfo {
+            title: &format!("lowtide generate: {}", root.display()),
+            budget_bytes: plan.as_ref().map(|p| p.budget_bytes),
+            predicted_peak_bytes: plan.as_ref().map(|p| p.predicted_peak_bytes),
+        };
+        lowtide::plot::draw(&usage.timeline, &info, path)?;
+        eprintln!("wrote {}", path.display());
+    }
     if let Some(path) = &args.memory.report {
         let mut v = serde_json::to_value(&usage)?;
-        v["strategy"] = strategy.name().into();
-        if let Strategy::Group {
-            blocks_per_group,
-            prefetch,
-        } = strategy
+        v["strategy"] = strategy_name.into();
+        if let Some(p) = &plan {
+            v["plan"] = serde_json::to_value(p)?;
+        }
+        if let (
+            Strategy::Group {
+                blocks_per_group,
+                prefetch,
+            },
+            None,
+        ) = (strategy, &plan)
         {
             v["blocks_per_group"] = blocks_per_group.into();
             v["prefetch"] = prefetch.into();
@@ -542,6 +748,90 @@ fn generate(args: GenerateArgs) -> Result<()> {
         eprintln!("wrote {}", path.display());
     }
 
+    Ok(())
+}
+
+/// One line saying what the budget chose.
+fn plan_line(plan: &lowtide::planner::Plan) -> String {
+    let parts: Vec<String> = plan
+        .components
+        .iter()
+        .map(|c| {
+            let mut s = format!("{}={}", c.name, c.strategy);
+            if let Some(k) = c.resident_groups.filter(|&k| k > 0) {
+                s += &format!(" ({k} groups resident)");
+            }
+            s
+        })
+        .collect();
+    let mut vae = Vec::new();
+    if let Some(t) = plan.vae.tile_size {
+        vae.push(format!("VAE tiles of {t} px"));
+    }
+    if plan.vae.slicing {
+        vae.push("VAE slicing".into());
+    }
+    if let Some(c) = plan.vae.decode_chunk.filter(|&c| c != 1) {
+        vae.push(format!("decode chunks of {c}"));
+    }
+    format!(
+        "plan for --memory-budget {:.0} MiB: {}{}; predicted peak {:.0} MiB, {:.1} s",
+        plan.budget_bytes as f64 / MIB,
+        parts.join(", "),
+        if vae.is_empty() {
+            String::new()
+        } else {
+            format!(", {}", vae.join(", "))
+        },
+        plan.predicted_peak_bytes as f64 / MIB,
+        plan.predicted_seconds
+    )
+}
+
+/// Puts each timeline phase's measured peak next to the plan's phase of the same component, in
+/// order.
+fn measured_phases(plan: &mut lowtide::planner::Plan, timeline: &Timeline) {
+    let mut next = 0;
+    for p in plan.phases.iter_mut() {
+        if let Some(i) = timeline.phases[next.min(timeline.phases.len())..]
+            .iter()
+            .position(|t| t.name == p.component)
+        {
+            let t = &timeline.phases[next + i];
+            p.measured_peak_bytes = t.peak_rss_bytes;
+            next += i + 1;
+        }
+    }
+}
+
+/// `lowtide plot report.json -o memory.svg`.
+fn plot(report: &std::path::Path, out: &std::path::Path) -> Result<()> {
+    output_path("--out", out, &["svg", "png"])?;
+    let text = std::fs::read_to_string(report)
+        .with_context(|| format!("cannot read {}", report.display()))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{} is not JSON", report.display()))?;
+    let timeline: Timeline =
+        serde_json::from_value(v.get("timeline").cloned().ok_or_else(|| {
+            anyhow::anyhow!(
+                "{} has no `timeline`: write it with generate --report",
+                report.display()
+            )
+        })?)
+        .with_context(|| format!("{}: `timeline` is malformed", report.display()))?;
+    let num = |k: &str| {
+        v.get("plan")
+            .and_then(|p| p.get(k))
+            .and_then(|x| x.as_u64())
+    };
+    let title = format!("lowtide: {}", report.display());
+    let info = lowtide::plot::PlotInfo {
+        title: &title,
+        budget_bytes: num("budget_bytes"),
+        predicted_peak_bytes: num("predicted_peak_bytes"),
+    };
+    lowtide::plot::draw(&timeline, &info, out)?;
+    eprintln!("wrote {}", out.display());
     Ok(())
 }
 
@@ -580,6 +870,13 @@ fn read_latents(
 }
 
 fn vae(command: VaeCommand) -> Result<()> {
+    let (VaeCommand::Decode { vae: a, .. } | VaeCommand::Encode { vae: a, .. }) = &command;
+    if a.allow_lossy {
+        anyhow::bail!(
+            "--allow-lossy applies to generate and plan; `vae decode/encode --memory-budget` \
+             tiles when the untiled decode would not fit, and says so"
+        );
+    }
     match command {
         VaeCommand::Decode {
             model,

@@ -335,4 +335,34 @@ impl AutoencoderKL {
         let weights: u64 = boc.iter().map(|&c| c * c * 9 * 6).sum::<u64>() * bytes;
         weights + act.max(attn)
     }
+
+    /// The decode's activations alone (its weights are the planner's to count): at the
+    /// costliest level, a resnet's input and two maps of its output width (the intermediate and
+    /// the output; the lean convs need no im2col copy and GroupNorm+SiLU is the conv's
+    /// prologue), plus the kernels' bounded scratch. Levels run at doubling resolutions, each
+    /// reading the previous level's channels.
+    pub fn decode_activation_estimate(&self, batch: usize, h: usize, w: usize) -> u64 {
+        let cfg = self.config();
+        let boc: Vec<u64> = cfg
+            .block_out_channels
+            .iter()
+            .rev()
+            .map(|&c| c as u64)
+            .collect();
+        let (b, h, w) = (batch as u64, h as u64, w as u64);
+        let mut act = 0u64;
+        for (i, &c) in boc.iter().enumerate() {
+            let px = (h << i) * (w << i);
+            let cin = if i == 0 { c } else { boc[i - 1] };
+            act = act.max(b * (cin + 2 * c) * px * 4);
+        }
+        let attn = if cfg.mid_block_add_attention {
+            b * boc[0] * h * w * 4 * 4
+        } else {
+            0
+        };
+        // Small maps fill little of it.
+        let scratch = ((crate::layers::conv2d::SCRATCH_BYTES + (64 << 20)) as u64).min(act / 2);
+        act.max(attn) + scratch
+    }
 }

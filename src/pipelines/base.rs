@@ -15,6 +15,8 @@ use super::loader::{Component, ModelIndex};
 use crate::device::parse_device;
 use crate::error::{Error, Result};
 use crate::models::{AutoencoderKL, VaeMemory, VaeOptions};
+use crate::planner::{ActChoice, ComponentInfo, VaeChoice};
+use crate::residency::manager::Resident;
 use crate::residency::{
     plan_balanced, Accounting, DeviceMap, HostTier, PinMemory, StoragePlan, Strategy,
     WeightProvider,
@@ -71,6 +73,8 @@ pub struct OffloadPlan {
     pub per_component: BTreeMap<String, Strategy>,
     /// Components kept out of offload (diffusers' `_exclude_from_cpu_offload`).
     pub keep_on_device: Vec<String>,
+    /// Partial residency per component under group offload (`--resident-groups`).
+    pub resident: BTreeMap<String, Resident>,
 }
 
 impl OffloadPlan {
@@ -79,6 +83,7 @@ impl OffloadPlan {
             default: s,
             per_component: BTreeMap::new(),
             keep_on_device: Vec::new(),
+            resident: BTreeMap::new(),
         }
     }
 }
@@ -294,7 +299,12 @@ impl PipelineBase {
     /// Sets each component's offload strategy. Refused while a device map is in force, as
     /// diffusers refuses `enable_model_cpu_offload` after `device_map=`.
     pub fn set_offload(&mut self, plan: &OffloadPlan) -> Result<()> {
-        for name in plan.per_component.keys().chain(&plan.keep_on_device) {
+        for name in plan
+            .per_component
+            .keys()
+            .chain(&plan.keep_on_device)
+            .chain(plan.resident.keys())
+        {
             self.component(name)?;
         }
         let strategy_of = |name: &str| {
@@ -321,6 +331,8 @@ impl PipelineBase {
         }
         for c in &self.components {
             c.weights.set_strategy(strategy_of(&c.name))?;
+            c.weights
+                .set_resident(plan.resident.get(&c.name).copied().unwrap_or_default())?;
         }
         Ok(())
     }
@@ -335,6 +347,8 @@ impl PipelineBase {
                 c.weights.release()?;
             }
         }
+        // The phase starts once the others have given their weights back.
+        self.accounting.phase(name);
         this.weights.activate()
     }
 
@@ -367,6 +381,32 @@ impl PipelineBase {
             "use a smaller --width/--height or --num-images, --tiling or --memory-budget for the \
              VAE, and --offload group or sequential for the weights",
         )
+    }
+
+    /// Every component's weight sizes, as the planner needs them (nothing is loaded).
+    pub fn component_infos(&self) -> Vec<ComponentInfo> {
+        self.components
+            .iter()
+            .map(|c| {
+                let w = &c.weights;
+                let (outside, units) = w.unit_bytes();
+                let on_demand = w.on_demand_bytes();
+                ComponentInfo {
+                    name: c.name.clone(),
+                    total_bytes: w.total_bytes() - on_demand,
+                    on_demand_bytes: on_demand,
+                    outside_bytes: outside,
+                    unit_bytes: units,
+                    largest_layer_bytes: w.largest_layer_bytes(),
+                }
+            })
+            .collect()
+    }
+
+    /// Parameters of `component` (for compute estimates); 0 for an unknown one.
+    pub fn param_count(&self, component: &str) -> f64 {
+        self.component(component)
+            .map_or(0.0, |c| c.weights.param_count() as f64)
     }
 
     /// Standard normal noise of `shape` from torch's CPU generator, on `component`'s device.
@@ -413,6 +453,108 @@ pub fn vae_decode_needs(
             bytes: bf * hf * f * wf * f * 3.0 * 4.0 * 2.0,
         },
     ])
+}
+
+/// The planner's alternatives for an image VAE's decode of `(batch, h, w)` latents: untiled
+/// (and sliced, for a batch), then square tiles from the largest down (lossy), unless the user
+/// fixed tiling or slicing. Each with the decode's activations and the output images.
+pub fn image_vae_choices(
+    vae: &AutoencoderKL,
+    asked: &VaeOptions,
+    batch: usize,
+    h: usize,
+    w: usize,
+) -> Result<Vec<ActChoice>> {
+    let f = vae.config().scale_factor();
+    let images = batch as f64 * (h * f) as f64 * (w * f) as f64 * 3.0 * 4.0 * 2.0;
+    let explicit = asked.tiling || asked.tile_size.is_some() || asked.tile_overlap.is_some();
+    let slicings: &[bool] = if asked.slicing || batch == 1 {
+        &[asked.slicing]
+    } else {
+        &[false, true]
+    };
+    let mut out = Vec::new();
+    for &slicing in slicings {
+        let per = if slicing { 1 } else { batch };
+        // Slicing runs the same convolutions on smaller batches: about as fast.
+        let slice_cost = if slicing && batch > 1 { 1.02 } else { 1.0 };
+        let tag = if slicing && batch > 1 { ", sliced" } else { "" };
+        if explicit {
+            let t = vae.tiling(asked.tile_size, asked.tile_overlap)?;
+            out.push(ActChoice {
+                label: format!("tiles of {} px{tag} (as given)", t.tile_sample),
+                bytes: vae.decode_activation_estimate(
+                    per,
+                    t.tile_latent.min(h),
+                    t.tile_latent.min(w),
+                ) as f64
+                    + images,
+                exact: true,
+                cost: slice_cost * tiling_cost(h, w, t.tile_latent, t.overlap),
+                vae: VaeChoice {
+                    tile_size: asked.tile_size,
+                    slicing,
+                    decode_chunk: None,
+                },
+            });
+            continue;
+        }
+        out.push(ActChoice {
+            label: if tag.is_empty() {
+                "untiled".into()
+            } else {
+                "untiled, sliced".into()
+            },
+            bytes: vae.decode_activation_estimate(per, h, w) as f64 + images,
+            exact: true,
+            cost: slice_cost,
+            vae: VaeChoice {
+                tile_size: None,
+                slicing,
+                decode_chunk: None,
+            },
+        });
+        // Tiles of 8-cell multiples below the larger side, down to 8 cells.
+        let mut lat = (h.max(w).saturating_sub(1)) / 8 * 8;
+        while lat >= 8 {
+            if let Ok(t) = vae.tiling(Some(lat * f), None) {
+                out.push(ActChoice {
+                    label: format!("tiles of {} px{tag}", t.tile_sample),
+                    bytes: vae.decode_activation_estimate(per, lat.min(h), lat.min(w)) as f64
+                        + images,
+                    exact: false,
+                    cost: slice_cost * tiling_cost(h, w, lat, t.overlap),
+                    vae: VaeChoice {
+                        tile_size: Some(lat * f),
+                        slicing,
+                        decode_chunk: None,
+                    },
+                });
+            }
+            lat -= 8;
+        }
+    }
+    Ok(out)
+}
+
+/// The attention and MLP kernels' scratch of a transformer block whose token streams take
+/// `streams` bytes: query chunks of at most 64 MiB of scores, less for short sequences.
+pub fn attention_scratch(streams: f64) -> f64 {
+    ((64u64 << 20) as f64).min(2.0 * streams)
+}
+
+/// Decoded area over the image's area, for tiles of `tile` latent cells with `overlap`.
+pub fn tiling_cost(h: usize, w: usize, tile: usize, overlap: f64) -> f64 {
+    let stride = ((tile as f64) * (1.0 - overlap)).max(1.0);
+    let n = |side: usize| {
+        if side <= tile {
+            1.0
+        } else {
+            (side as f64 / stride).ceil()
+        }
+    };
+    let (th, tw) = (tile.min(h) as f64, tile.min(w) as f64);
+    (n(h) * th * n(w) * tw / (h as f64 * w as f64)).max(1.0)
 }
 
 /// The denoising loop every family runs: one model call per timestep, a scheduler step, a

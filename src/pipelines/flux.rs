@@ -4,13 +4,17 @@ use std::path::Path;
 
 use candle_core::Tensor;
 
-use super::base::{denoise, vae_decode_needs, ComponentSpec, LoadOptions, PipelineBase};
+use super::base::{
+    attention_scratch, denoise, image_vae_choices, vae_decode_needs, ComponentSpec, LoadOptions,
+    PipelineBase,
+};
 use super::{GenerateOutput, GenerateRequest, Pipeline};
 use crate::error::{read_json, Error, Result};
 use crate::models::{
     AutoencoderKL, AutoencoderKLConfig, ClipTextConfig, ClipTextModel, FluxInputs,
     FluxTransformer2DModel, FluxTransformerConfig, T5Config, T5EncoderModel,
 };
+use crate::planner::{ActChoice, PhaseNeed, VaeChoice};
 use crate::rng::TorchRng;
 use crate::schedulers::{flux_sigmas, FlowMatchConfig, FlowMatchEulerDiscrete, SchedulerConfig};
 use crate::tokenizer::{ClipTokenizer, T5Tokenizer};
@@ -173,6 +177,118 @@ impl Flux {
         Ok(out.to_device(&self.component_device("transformer")?)?)
     }
 
+    /// The latent size (h, w): explicit, else from the latents, else diffusers' default.
+    fn latent_size(&self, req: &GenerateRequest) -> Result<(usize, usize)> {
+        let f = self.vae_scale_factor();
+        // Size: explicit, else from the latents, else diffusers' default (128 × VAE factor).
+        let (height, width) = match (req.height, req.width, &req.latents) {
+            (None, None, Some(l)) => {
+                let (_, _, h, w) = l.dims4()?;
+                (h * f, w * f)
+            }
+            _ => {
+                let d = 128 * f;
+                (req.height.unwrap_or(d), req.width.unwrap_or(d))
+            }
+        };
+        let m = self.size_multiple();
+        if height == 0 || width == 0 || height % m != 0 || width % m != 0 {
+            let round = |x: usize| (x / m).max(1) * m;
+            return Err(Error::InvalidArgument(format!(
+                "width and height must be positive multiples of {m} (2 x the VAE scale factor \
+                 {f}: FLUX packs 2x2 latent patches); got {width}x{height}, try {}x{} \
+                 (diffusers would silently resize)",
+                round(width),
+                round(height)
+            )));
+        }
+        Ok((height / f, width / f))
+    }
+
+    /// The planner's view of a run (see [`crate::planner`]).
+    fn phases(&self, req: &GenerateRequest) -> Result<Vec<PhaseNeed>> {
+        let (h, w) = self.latent_size(req)?;
+        let b = req.num_images;
+        let max_len = req.max_sequence_length.unwrap_or(MAX_SEQUENCE_LENGTH);
+        let true_cfg = req.true_cfg.unwrap_or(1.0) > 1.0 && req.negative_prompt.is_some();
+        let calls = if true_cfg { 2 } else { 1 };
+        let exact = |bytes: f64| {
+            vec![ActChoice {
+                label: String::new(),
+                bytes,
+                exact: true,
+                cost: 1.0,
+                vae: VaeChoice::default(),
+            }]
+        };
+        let clip = self.text_encoder.config();
+        let clip_tokens = clip.max_position_embeddings as f64;
+        let t5 = self.text_encoder_2.config();
+        let (tr, te) = self.activations(b, calls, (h, w), max_len);
+        let tokens = ((h / 2) * (w / 2) + max_len) as f64;
+        let cfg = self.transformer.config();
+        let inner = (cfg.num_attention_heads * cfg.attention_head_dim) as f64;
+        let blocks = (cfg.num_layers + cfg.num_single_layers) as f64;
+        Ok(vec![
+            PhaseNeed {
+                label: "text encoding (CLIP)".into(),
+                component: "text_encoder".into(),
+                passes: calls,
+                flops: 2.0 * self.param_count("text_encoder") * clip_tokens,
+                uses_on_demand: false,
+                choices: exact(clip_tokens * clip.hidden_size as f64 * 4.0 * 8.0),
+            },
+            PhaseNeed {
+                label: "text encoding (T5)".into(),
+                component: "text_encoder_2".into(),
+                passes: calls,
+                flops: 2.0 * self.param_count("text_encoder_2") * max_len as f64
+                    + 4.0 * (max_len * max_len) as f64 * t5.d_model as f64 * t5.num_layers as f64,
+                uses_on_demand: false,
+                choices: exact(te),
+            },
+            PhaseNeed {
+                label: "denoising".into(),
+                component: "transformer".into(),
+                passes: req.steps * calls,
+                flops: b as f64
+                    * (2.0 * self.param_count("transformer") * tokens
+                        + 4.0 * tokens * tokens * inner * blocks),
+                uses_on_demand: false,
+                choices: exact(tr),
+            },
+            PhaseNeed {
+                label: "VAE decode".into(),
+                component: "vae".into(),
+                passes: 1,
+                flops: 2.0 * self.param_count("vae") * (h * w * b) as f64 * 8.0,
+                uses_on_demand: false,
+                choices: image_vae_choices(&self.vae, &req.vae, b, h, w)?,
+            },
+        ])
+    }
+
+    /// Peak activation bytes of the transformer (all calls of a step) and of T5.
+    fn activations(
+        &self,
+        batch: usize,
+        calls: usize,
+        (h, w): (usize, usize),
+        text_len: usize,
+    ) -> (f64, f64) {
+        let seq = (h / 2) * (w / 2);
+        let cfg = self.transformer.config();
+        let inner = (cfg.num_attention_heads * cfg.attention_head_dim) as f64;
+        let tokens = (seq + text_len) as f64;
+        // Per call: the residual streams, q/k/v, attention output and the 4x MLP of one block
+        // (about 12 token x width tensors), plus bounded attention scores.
+        let streams = batch as f64 * calls as f64 * tokens * inner * 4.0;
+        let tr = 12.0 * streams + attention_scratch(streams);
+        let t5 = self.text_encoder_2.config();
+        let te = batch as f64 * text_len as f64 * (t5.d_ff.max(t5.d_model) as f64) * 4.0 * 6.0;
+        (tr, te)
+    }
+
     fn run(
         &self,
         req: &GenerateRequest,
@@ -206,29 +322,8 @@ impl Flux {
         let dtype = self.options.dtype;
         let c = self.vae.config().latent_channels;
 
-        // Size: explicit, else from the latents, else diffusers' default (128 × VAE factor).
-        let (height, width) = match (req.height, req.width, &req.latents) {
-            (None, None, Some(l)) => {
-                let (_, _, h, w) = l.dims4()?;
-                (h * f, w * f)
-            }
-            _ => {
-                let d = 128 * f;
-                (req.height.unwrap_or(d), req.width.unwrap_or(d))
-            }
-        };
-        let m = self.size_multiple();
-        if height == 0 || width == 0 || height % m != 0 || width % m != 0 {
-            let round = |x: usize| (x / m).max(1) * m;
-            return Err(Error::InvalidArgument(format!(
-                "width and height must be positive multiples of {m} (2 x the VAE scale factor \
-                 {f}: FLUX packs 2x2 latent patches); got {width}x{height}, try {}x{} \
-                 (diffusers would silently resize)",
-                round(width),
-                round(height)
-            )));
-        }
-        let (h, w) = (height / f, width / f);
+        let (h, w) = self.latent_size(req)?;
+        let (height, width) = (h * f, w * f);
         let seq = (h / 2) * (w / 2);
         self.check_memory(b, if do_true_cfg { 2 } else { 1 }, (h, w), max_len, req)?;
 
@@ -345,15 +440,7 @@ impl Flux {
         text_len: usize,
         req: &GenerateRequest,
     ) -> Result<()> {
-        let seq = (h / 2) * (w / 2);
-        let cfg = self.transformer.config();
-        let inner = (cfg.num_attention_heads * cfg.attention_head_dim) as f64;
-        let tokens = (seq + text_len) as f64;
-        // Per call: the residual streams, q/k/v, attention output and the 4x MLP of one block
-        // (about 12 token x width tensors), plus bounded attention scores.
-        let tr = batch as f64 * calls as f64 * tokens * inner * 4.0 * 12.0 + (64u64 << 20) as f64;
-        let t5 = self.text_encoder_2.config();
-        let te = batch as f64 * text_len as f64 * (t5.d_ff.max(t5.d_model) as f64) * 4.0 * 6.0;
+        let (tr, te) = self.activations(batch, calls, (h, w), text_len);
         let [decode, image] = vae_decode_needs(&self.vae, &req.vae, batch, h, w)?;
         self.base.check_memory(&[
             Need {
@@ -379,6 +466,9 @@ impl Pipeline for Flux {
         on_step: &mut dyn FnMut(usize, usize),
     ) -> Result<GenerateOutput> {
         Flux::run(self, req, on_step)
+    }
+    fn phases(&self, req: &GenerateRequest) -> Result<Vec<PhaseNeed>> {
+        Flux::phases(self, req)
     }
 }
 

@@ -7,6 +7,7 @@
 pub mod base;
 pub mod flux;
 pub mod loader;
+pub mod planning;
 pub mod stable_diffusion;
 pub mod vae;
 pub mod wan;
@@ -152,6 +153,10 @@ pub trait Pipeline: std::ops::DerefMut<Target = PipelineBase> + Send + Sync {
     fn defaults(&self) -> (usize, f64);
     /// Width and height must be multiples of this.
     fn size_multiple(&self) -> usize;
+    /// What a run of `req` needs, phase by phase, for the planner ([`crate::planner`]): the
+    /// component each phase runs, its passes and compute, its activations and their
+    /// alternatives. Reads no weight.
+    fn phases(&self, req: &GenerateRequest) -> Result<Vec<crate::planner::PhaseNeed>>;
     /// One call of the pipeline (the family's `__call__`).
     fn run(
         &self,
@@ -165,7 +170,13 @@ pub trait Pipeline: std::ops::DerefMut<Target = PipelineBase> + Send + Sync {
         req: &GenerateRequest,
         on_step: &mut dyn FnMut(usize, usize),
     ) -> Result<GenerateOutput> {
-        let out = self.run(req, on_step);
+        let acct = self.base().accounting.clone();
+        let mut steps = |i: usize, total: usize| {
+            acct.step_done();
+            on_step(i, total)
+        };
+        let out = self.run(req, &mut steps);
+        acct.end_phase();
         let freed = self.base().free_offloaded();
         let out = out?;
         freed?;

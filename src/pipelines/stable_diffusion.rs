@@ -5,13 +5,16 @@ use std::path::Path;
 
 use candle_core::Tensor;
 
-use super::base::{denoise, vae_decode_needs, ComponentSpec, LoadOptions, PipelineBase};
+use super::base::{
+    denoise, image_vae_choices, vae_decode_needs, ComponentSpec, LoadOptions, PipelineBase,
+};
 use super::{GenerateOutput, GenerateRequest, Pipeline};
 use crate::error::{read_json, Error, Result};
 use crate::models::{
     AutoencoderKL, AutoencoderKLConfig, ClipTextConfig, ClipTextModel, UNet2DConditionConfig,
     UNet2DConditionModel,
 };
+use crate::planner::{ActChoice, PhaseNeed, VaeChoice};
 use crate::rng::TorchRng;
 use crate::schedulers::{self, SchedulerConfig, SchedulerKind};
 use crate::tokenizer::ClipTokenizer;
@@ -128,6 +131,112 @@ impl StableDiffusion {
         Ok(out.to_device(&self.component_device("unet")?)?)
     }
 
+    /// The latent size (h, w) of a run: explicit, else from the init image or latents, else the
+    /// UNet's sample size; checked against the size multiple.
+    fn latent_size(&self, req: &GenerateRequest) -> Result<(usize, usize)> {
+        let f = self.vae_scale_factor();
+        // Size: explicit, else from the init image or latents, else the UNet's sample size.
+        let (height, width) = if let Some(img) = &req.init_image {
+            let (_, _, h, w) = img.dims4()?;
+            (h, w)
+        } else if let (None, None, Some(l)) = (req.height, req.width, &req.latents) {
+            let (_, _, h, w) = l.dims4()?;
+            (h * f, w * f)
+        } else {
+            let d = self.unet.config().sample_size.unwrap_or(64) * f;
+            (req.height.unwrap_or(d), req.width.unwrap_or(d))
+        };
+        let multiple = self.size_multiple();
+        if height == 0 || width == 0 || height % multiple != 0 || width % multiple != 0 {
+            let what = if req.init_image.is_some() {
+                "the --init-image's width and height"
+            } else {
+                "width and height"
+            };
+            return Err(Error::InvalidArgument(format!(
+                "{what} must be positive multiples of {multiple} (the VAE scale factor {f} and diffusers' rule of 8); got {width}x{height}"
+            )));
+        }
+        Ok((height / f, width / f))
+    }
+
+    /// The planner's view of a run (see [`crate::planner`]): text encoding (the prompt, and the
+    /// negative prompt under guidance), img2img's image encoding, the denoising steps and the
+    /// decode with its alternatives.
+    fn phases(&self, req: &GenerateRequest) -> Result<Vec<PhaseNeed>> {
+        let (h, w) = self.latent_size(req)?;
+        let b = req.num_images;
+        let cfg = cfg_batch(req.guidance);
+        let te = self.text_encoder.config();
+        let tokens = te.max_position_embeddings as f64;
+        let exact = |bytes: f64| {
+            vec![ActChoice {
+                label: String::new(),
+                bytes,
+                exact: true,
+                cost: 1.0,
+                vae: VaeChoice::default(),
+            }]
+        };
+        let mut phases = vec![PhaseNeed {
+            label: "text encoding".into(),
+            component: "text_encoder".into(),
+            passes: cfg,
+            flops: 2.0 * self.param_count("text_encoder") * tokens,
+            uses_on_demand: false,
+            // A layer's hidden states, its MLP and the attention scores.
+            choices: exact(tokens * te.hidden_size as f64 * 4.0 * 8.0),
+        }];
+        let f = self.vae_scale_factor() as f64;
+        let vae_params = self.param_count("vae");
+        let mut steps = req.steps;
+        if req.init_image.is_some() {
+            steps = ((req.steps as f64 * req.strength) as usize).clamp(1, req.steps);
+            phases.push(PhaseNeed {
+                label: "image encoding".into(),
+                component: "vae".into(),
+                passes: 1,
+                flops: 2.0 * vae_params * (h * w) as f64 * 3.0,
+                uses_on_demand: true,
+                choices: exact(self.vae.decode_activation_estimate(1, h, w) as f64),
+            });
+        }
+        let unet = self.unet_activations(b * cfg, h, w);
+        phases.push(PhaseNeed {
+            label: "denoising".into(),
+            component: "unet".into(),
+            passes: steps,
+            // A conv UNet's work per latent pixel, relative to its size (SD 1.5 at 512²:
+            // about 0.8 TFLOP per image and call for 0.86 G parameters on 4096 cells).
+            flops: 2.0 * self.param_count("unet") * 0.11 * (h * w * b * cfg) as f64,
+            uses_on_demand: false,
+            choices: exact(unet),
+        });
+        phases.push(PhaseNeed {
+            label: "VAE decode".into(),
+            component: "vae".into(),
+            passes: 1,
+            flops: 2.0 * vae_params * (h * w * b) as f64 * f,
+            uses_on_demand: false,
+            choices: image_vae_choices(&self.vae, &req.vae, b, h, w)?,
+        });
+        Ok(phases)
+    }
+
+    /// The UNet's peak activation bytes at batch `n` (the guided batch): measured on the SD1.5
+    /// architecture (256² and 512², batch 2: 136 and 390 MiB of RSS over the weights and the
+    /// process's baseline) as about 32 maps of the first block's width at full latent
+    /// resolution (the level-0 transformer's GEGLU and attention tensors, the skip connections
+    /// kept for the up path) plus about 51 MiB of the conv and attention kernels' bounded
+    /// scratch, of which small maps fill about the conv's share (tiny UNets measure ~20 MiB
+    /// over the baseline).
+    fn unet_activations(&self, n: usize, h: usize, w: usize) -> f64 {
+        let c0 = self.unet.config().block_out_channels[0] as f64;
+        let map = n as f64 * c0 * (h * w) as f64 * 4.0;
+        let conv_scratch = crate::layers::conv2d::SCRATCH_BYTES as f64;
+        32.0 * map + (51.0 * (1u64 << 20) as f64).min(16.0 * map + conv_scratch)
+    }
+
     fn randn(&self, rng: &mut TorchRng, shape: &[usize]) -> Result<Tensor> {
         self.base.randn(rng, shape, "unet")
     }
@@ -158,29 +267,8 @@ impl StableDiffusion {
         let mut sched = schedulers::build(kind, &self.scheduler_config, req.steps)?;
         let mut rng = TorchRng::new(req.seed);
 
-        // Size: explicit, else from the init image or latents, else the UNet's sample size.
-        let (height, width) = if let Some(img) = &req.init_image {
-            let (_, _, h, w) = img.dims4()?;
-            (h, w)
-        } else if let (None, None, Some(l)) = (req.height, req.width, &req.latents) {
-            let (_, _, h, w) = l.dims4()?;
-            (h * f, w * f)
-        } else {
-            let d = self.unet.config().sample_size.unwrap_or(64) * f;
-            (req.height.unwrap_or(d), req.width.unwrap_or(d))
-        };
-        let multiple = self.size_multiple();
-        if height == 0 || width == 0 || height % multiple != 0 || width % multiple != 0 {
-            let what = if req.init_image.is_some() {
-                "the --init-image's width and height"
-            } else {
-                "width and height"
-            };
-            return Err(Error::InvalidArgument(format!(
-                "{what} must be positive multiples of {multiple} (the VAE scale factor {f} and diffusers' rule of 8); got {width}x{height}"
-            )));
-        }
-        let (h, w) = (height / f, width / f);
+        let (h, w) = self.latent_size(req)?;
+        let (height, width) = (h * f, w * f);
         self.check_memory(b, cfg_batch(req.guidance), h, w, &req.vae)?;
 
         self.use_component("text_encoder")?;
@@ -306,12 +394,7 @@ impl StableDiffusion {
         w: usize,
         vae: &crate::models::VaeOptions,
     ) -> Result<()> {
-        let c0 = self.unet.config().block_out_channels[0] as f64;
-        // The largest UNet activations live at full latent resolution with the first block's
-        // channels: about eight such tensors at once, plus bounded attention and conv scratch.
-        let scratch = crate::layers::conv2d::SCRATCH_BYTES + (64 << 20) + (8 << 20);
-        let unet = batch as f64 * cfg_factor as f64 * c0 * h as f64 * w as f64 * 4.0 * 8.0
-            + scratch as f64;
+        let unet = self.unet_activations(batch * cfg_factor, h, w);
         let [decode, image] = vae_decode_needs(&self.vae, vae, batch, h, w)?;
         self.base.check_memory(&[
             Need {
@@ -337,6 +420,9 @@ impl Pipeline for StableDiffusion {
         on_step: &mut dyn FnMut(usize, usize),
     ) -> Result<GenerateOutput> {
         StableDiffusion::run(self, req, on_step)
+    }
+    fn phases(&self, req: &GenerateRequest) -> Result<Vec<PhaseNeed>> {
+        StableDiffusion::phases(self, req)
     }
 }
 

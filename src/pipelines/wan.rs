@@ -5,13 +5,14 @@ use std::path::Path;
 
 use candle_core::{DType, Tensor};
 
-use super::base::{denoise, ComponentSpec, LoadOptions, PipelineBase};
+use super::base::{attention_scratch, denoise, ComponentSpec, LoadOptions, PipelineBase};
 use super::{GenerateOutput, GenerateRequest, Pipeline};
 use crate::error::{read_json, Error, Result};
 use crate::models::{
     AutoencoderKLWan, AutoencoderKLWanConfig, T5Config, T5EncoderModel, WanInputs,
     WanTransformer3DModel, WanTransformerConfig, WanVaeOptions,
 };
+use crate::planner::{ActChoice, PhaseNeed, VaeChoice};
 use crate::rng::TorchRng;
 use crate::schedulers::{self, SchedulerConfig, SchedulerKind};
 use crate::tokenizer::T5Tokenizer;
@@ -200,6 +201,267 @@ impl Wan {
         Ok(hidden.to_device(&self.component_device("transformer")?)?)
     }
 
+    /// Frames, latent (t, h, w) and pixel size of a run, checked and rounded as diffusers does
+    /// (saying so on stderr when `say`).
+    #[allow(clippy::type_complexity)]
+    fn sizes(
+        &self,
+        req: &GenerateRequest,
+        say: bool,
+    ) -> Result<(usize, (usize, usize, usize), (usize, usize))> {
+        let warn = |m: String| {
+            if say {
+                eprintln!("{m}");
+            }
+        };
+        let cfg = self.vae.config();
+        let (sf, tf) = (cfg.spatial_factor(), cfg.temporal_factor());
+        let (_, ph, pw) = self.transformer.config().patch();
+        // Frames and size as diffusers checks and rounds them, saying so.
+        let mut frames = req.frames.unwrap_or(81);
+        if frames == 0 {
+            return Err(Error::InvalidArgument("--frames must be at least 1".into()));
+        }
+        if frames % tf != 1 {
+            let rounded = frames / tf * tf + 1;
+            warn(format!(
+                "warning: --frames - 1 has to be divisible by {tf}; using {rounded} frames instead of {frames}"
+            ));
+            frames = rounded;
+        }
+        let (height, width) = match (req.height, req.width, &req.latents) {
+            (None, None, Some(l)) if l.rank() == 5 => (l.dim(3)? * sf, l.dim(4)? * sf),
+            _ => (req.height.unwrap_or(480), req.width.unwrap_or(832)),
+        };
+        if height == 0 || width == 0 || height % 16 != 0 || width % 16 != 0 {
+            return Err(Error::InvalidArgument(format!(
+                "width and height must be positive multiples of 16; got {width}x{height}"
+            )));
+        }
+        let (mh, mw) = (sf * ph, sf * pw);
+        let (h_px, w_px) = (height / mh * mh, width / mw * mw);
+        if (h_px, w_px) != (height, width) {
+            warn(format!(
+                "warning: width and height must be multiples of ({mw}, {mh}) for this model's \
+                 patches; using {w_px}x{h_px} instead of {width}x{height}"
+            ));
+        }
+        if h_px == 0 || w_px == 0 {
+            return Err(Error::InvalidArgument(format!(
+                "width and height must be at least ({mw}, {mh}) for this model; got {width}x{height}"
+            )));
+        }
+        Ok((
+            frames,
+            ((frames - 1) / tf + 1, h_px / sf, w_px / sf),
+            (h_px, w_px),
+        ))
+    }
+
+    /// The planner's view of a run (see [`crate::planner`]): UMT5, the denoising steps (with
+    /// A14B's two experts split at the boundary), the decode with its chunks and tiles.
+    fn phases(&self, req: &GenerateRequest) -> Result<Vec<PhaseNeed>> {
+        let (_, (t, h, w), _) = self.sizes(req, false)?;
+        let b = req.num_images;
+        let max_len = req.max_sequence_length.unwrap_or(MAX_SEQUENCE_LENGTH);
+        let calls = if req.guidance > 1.0 { 2 } else { 1 };
+        let (tr, te) = self.activations(b, calls, (t, h, w), max_len);
+        let tcfg = self.transformer.config();
+        let (pt, ph, pw) = tcfg.patch();
+        let tokens = (t / pt.max(1)) as f64 * (h / ph.max(1)) as f64 * (w / pw.max(1)) as f64;
+        let flops = |name: &str| {
+            b as f64
+                * (2.0 * self.param_count(name) * tokens
+                    + 4.0 * tokens * tokens * tcfg.inner_dim() as f64 * tcfg.num_layers as f64)
+        };
+        let exact = |bytes: f64| {
+            vec![ActChoice {
+                label: String::new(),
+                bytes,
+                exact: true,
+                cost: 1.0,
+                vae: VaeChoice::default(),
+            }]
+        };
+        let mut phases = vec![PhaseNeed {
+            label: "text encoding".into(),
+            component: "text_encoder".into(),
+            passes: calls,
+            // Only the prompt's own tokens are encoded (about a sentence).
+            flops: 2.0 * self.param_count("text_encoder") * 64.0,
+            uses_on_demand: false,
+            choices: exact(te),
+        }];
+        // Steps per expert: the first above the boundary timestep.
+        let kind = req.scheduler.unwrap_or(SchedulerKind::UniPc);
+        let sched = schedulers::build(kind, &self.scheduler_config, req.steps)?;
+        let boundary = self
+            .boundary_ratio
+            .map(|r| r * self.scheduler_config.num_train_timesteps.unwrap_or(1000) as f64);
+        let low = match (boundary, &self.transformer_2) {
+            (Some(bt), Some(_)) => sched.timesteps().iter().filter(|&&s| s < bt).count(),
+            _ => 0,
+        };
+        for (name, steps) in [("transformer", req.steps - low), ("transformer_2", low)] {
+            if steps > 0 {
+                phases.push(PhaseNeed {
+                    label: if name == "transformer" {
+                        "denoising".into()
+                    } else {
+                        "denoising (low-noise expert)".into()
+                    },
+                    component: name.into(),
+                    passes: steps * calls,
+                    flops: flops(name),
+                    uses_on_demand: false,
+                    choices: exact(tr),
+                });
+            }
+        }
+        let vae_flops = 2.0 * self.param_count("vae") * (t * h * w * b) as f64 * 16.0;
+        phases.push(PhaseNeed {
+            label: "VAE decode".into(),
+            component: "vae".into(),
+            passes: 1,
+            flops: vae_flops,
+            uses_on_demand: false,
+            choices: self.vae_choices(req, b, (t, h, w))?,
+        });
+        Ok(phases)
+    }
+
+    /// The video VAE's alternatives: the decode chunks from the largest asked (exact, equal
+    /// results), then square tiles (lossy), unless the user fixed them.
+    fn vae_choices(
+        &self,
+        req: &GenerateRequest,
+        b: usize,
+        (t, h, w): (usize, usize, usize),
+    ) -> Result<Vec<ActChoice>> {
+        let asked = &req.vae;
+        let explicit = asked.tiling || asked.tile_size.is_some() || asked.tile_overlap.is_some();
+        let sf = self.vae.config().spatial_factor();
+        let out_bytes = |b: usize| {
+            let frames = self.vae.config().decoded_frames(t) as f64;
+            b as f64 * frames * (h * sf) as f64 * (w * sf) as f64 * 3.0 * 4.0 * 2.0
+        };
+        let chunks: Vec<usize> = match req.decode_chunk_size {
+            Some(c) => vec![c],
+            None => {
+                // 1 is diffusers' default; larger chunks are fewer passes, same results.
+                let most = t.saturating_sub(1).max(1);
+                [1, 2, 4, 8, 16]
+                    .into_iter()
+                    .filter(|&c| c <= most)
+                    .collect()
+            }
+        };
+        let tiles: Vec<Option<usize>> = if explicit {
+            vec![asked.tile_size.or(Some(0))]
+        } else {
+            let step = 4 * sf;
+            let mut v = vec![None];
+            let mut px = (h.max(w) * sf).saturating_sub(1) / step * step;
+            while px >= step {
+                v.push(Some(px));
+                px -= step;
+            }
+            v
+        };
+        let slicing = asked.slicing || b == 1;
+        let per = if asked.slicing { 1 } else { b };
+        let mut out = Vec::new();
+        for tile in tiles {
+            for &c in &chunks {
+                let tiling = match tile {
+                    Some(0) => Some(self.vae.tiling(None, asked.tile_overlap)?),
+                    Some(px) => match self.vae.tiling(Some(px), asked.tile_overlap) {
+                        Ok(t) => Some(t),
+                        Err(_) => continue,
+                    },
+                    None => None,
+                };
+                let mem = crate::models::WanVaeMemory {
+                    tiling,
+                    slicing,
+                    decode_chunk: c,
+                    encode_chunk: 1,
+                };
+                let p = self.vae.decode_peak(per, t, h, w, &mem);
+                let label = match tiling {
+                    Some(g) => format!("tiles of {}x{} px, chunks of {c}", g.tile().0, g.tile().1),
+                    None => format!("untiled, chunks of {c}"),
+                };
+                // Larger chunks: fewer passes over the cache (a few percent each).
+                let cost = 1.0
+                    + 0.03 / c as f64
+                    + match tiling {
+                        Some(g) => {
+                            let (th, tw) = g.tile();
+                            let (sh, sw) = g.stride();
+                            let n = |side: usize, tile: usize, stride: usize| {
+                                if side <= tile {
+                                    1.0
+                                } else {
+                                    (side as f64 / stride as f64).ceil()
+                                }
+                            };
+                            let (hp, wp) = (h * sf, w * sf);
+                            (n(hp, th, sh) * th.min(hp) as f64 * n(wp, tw, sw) * tw.min(wp) as f64
+                                / (hp * wp) as f64
+                                - 1.0)
+                                .max(0.0)
+                        }
+                        None => 0.0,
+                    };
+                out.push(ActChoice {
+                    label,
+                    // The decoded video (in `output`) and its frames-last copy.
+                    // The kernels' scratch (a bound the model's estimate counts whole) is
+                    // filled only in proportion to the maps: small decodes use little of it.
+                    bytes: {
+                        let scratch = crate::models::wan_vae::memory::KERNEL_SCRATCH;
+                        let work = (p.working as f64 - scratch).max(0.0);
+                        p.cache as f64
+                            + work
+                            + scratch.min(work)
+                            + p.output as f64
+                            + out_bytes(b) / 2.0
+                    },
+                    exact: tiling.is_none() || explicit,
+                    cost,
+                    vae: VaeChoice {
+                        tile_size: tile.filter(|&p| p > 0),
+                        slicing: asked.slicing,
+                        decode_chunk: Some(c),
+                    },
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Peak activation bytes of the transformer (all calls of a step) and of UMT5.
+    fn activations(
+        &self,
+        batch: usize,
+        calls: usize,
+        (t, h, w): (usize, usize, usize),
+        text_len: usize,
+    ) -> (f64, f64) {
+        let cfg = self.transformer.config();
+        let (pt, ph, pw) = cfg.patch();
+        let tokens = (t / pt.max(1)) as f64 * (h / ph.max(1)) as f64 * (w / pw.max(1)) as f64;
+        let inner = cfg.inner_dim() as f64;
+        // Per call: about a dozen token × width tensors of one block, plus bounded attention and
+        // the chunked feed-forward.
+        let tr = batch as f64 * calls as f64 * (tokens + text_len as f64) * inner * 4.0 * 12.0
+            + attention_scratch(batch as f64 * calls as f64 * tokens * inner * 4.0);
+        let te_cfg = self.text_encoder.config();
+        let te = text_len as f64 * (te_cfg.d_ff.max(te_cfg.d_model) as f64) * 4.0 * 6.0;
+        (tr, te)
+    }
+
     fn run(
         &self,
         req: &GenerateRequest,
@@ -221,47 +483,11 @@ impl Wan {
         }
         let guidance_2 = req.guidance_2.unwrap_or(req.guidance);
         crate::validate::arg_f32("--guidance-2", guidance_2)?;
-        let cfg = self.vae.config();
-        let (sf, tf) = (cfg.spatial_factor(), cfg.temporal_factor());
         let (_, ph, pw) = self.transformer.config().patch();
         let b = req.num_images;
         let dtype = self.options.dtype;
 
-        // Frames and size as diffusers checks and rounds them, saying so.
-        let mut frames = req.frames.unwrap_or(81);
-        if frames == 0 {
-            return Err(Error::InvalidArgument("--frames must be at least 1".into()));
-        }
-        if frames % tf != 1 {
-            let rounded = frames / tf * tf + 1;
-            eprintln!(
-                "warning: --frames - 1 has to be divisible by {tf}; using {rounded} frames instead of {frames}"
-            );
-            frames = rounded;
-        }
-        let (height, width) = match (req.height, req.width, &req.latents) {
-            (None, None, Some(l)) if l.rank() == 5 => (l.dim(3)? * sf, l.dim(4)? * sf),
-            _ => (req.height.unwrap_or(480), req.width.unwrap_or(832)),
-        };
-        if height == 0 || width == 0 || height % 16 != 0 || width % 16 != 0 {
-            return Err(Error::InvalidArgument(format!(
-                "width and height must be positive multiples of 16; got {width}x{height}"
-            )));
-        }
-        let (mh, mw) = (sf * ph, sf * pw);
-        let (h_px, w_px) = (height / mh * mh, width / mw * mw);
-        if (h_px, w_px) != (height, width) {
-            eprintln!(
-                "warning: width and height must be multiples of ({mw}, {mh}) for this model's \
-                 patches; using {w_px}x{h_px} instead of {width}x{height}"
-            );
-        }
-        if h_px == 0 || w_px == 0 {
-            return Err(Error::InvalidArgument(format!(
-                "width and height must be at least ({mw}, {mh}) for this model; got {width}x{height}"
-            )));
-        }
-        let (t, h, w) = ((frames - 1) / tf + 1, h_px / sf, w_px / sf);
+        let (frames, (t, h, w), (h_px, w_px)) = self.sizes(req, true)?;
         let c = self.transformer.config().in_channels;
         // As diffusers: the first expert's scale decides whether guidance runs at all.
         let do_cfg = req.guidance > 1.0;
@@ -411,14 +637,7 @@ impl Wan {
         text_len: usize,
         vae: &crate::models::WanVaeMemory,
     ) -> Result<()> {
-        let cfg = self.transformer.config();
-        let (pt, ph, pw) = cfg.patch();
-        let tokens = (t / pt.max(1)) as f64 * (h / ph.max(1)) as f64 * (w / pw.max(1)) as f64;
-        let inner = cfg.inner_dim() as f64;
-        // Per call: about a dozen token × width tensors of one block, plus bounded attention and
-        // the chunked feed-forward.
-        let tr = batch as f64 * calls as f64 * (tokens + text_len as f64) * inner * 4.0 * 12.0
-            + (64u64 << 20) as f64;
+        let (tr, _) = self.activations(batch, calls, (t, h, w), text_len);
         let decode = self.vae.decode_peak_estimate(batch, t, h, w, vae) as f64;
         let frames = self.vae.config().decoded_frames(t) as f64;
         let sf = self.vae.config().spatial_factor() as f64;
@@ -471,5 +690,8 @@ impl Pipeline for Wan {
         on_step: &mut dyn FnMut(usize, usize),
     ) -> Result<GenerateOutput> {
         Wan::run(self, req, on_step)
+    }
+    fn phases(&self, req: &GenerateRequest) -> Result<Vec<PhaseNeed>> {
+        Wan::phases(self, req)
     }
 }

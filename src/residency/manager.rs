@@ -13,6 +13,8 @@
 //!   passes keep `N` consecutive units resident and prefetch the next group on a background
 //!   thread, wrapping from the last group to the first. At most one group is in flight, and its
 //!   bytes count as resident from the moment the prefetch starts, so the peak is honest.
+//!   With [`Resident`] groups (partial residency), some groups stay resident for the whole run
+//!   once loaded and only the others are streamed.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -49,6 +51,44 @@ impl Strategy {
             Strategy::Group { .. } => "group",
         }
     }
+}
+
+/// Partial residency under group offload: which groups stay resident once loaded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Resident {
+    /// Every group is streamed.
+    #[default]
+    Nothing,
+    /// The `K` largest groups stay.
+    Groups(usize),
+    /// The largest groups whose bytes add up to at most this stay.
+    Bytes(u64),
+}
+
+/// The groups to keep resident, by index: the largest first (ties: the earlier one), as many as
+/// `resident` allows. The largest, because the weights of a group are what its load costs while
+/// its compute is roughly the same for every group of a transformer (and smaller, not larger,
+/// for the UNet's deep low-resolution blocks, which hold most of its bytes): the largest groups
+/// are those whose loads a prefetch hides least, and keeping them saves the most bytes moved per
+/// step for the memory they take.
+pub fn resident_groups(group_bytes: &[u64], resident: Resident) -> Vec<usize> {
+    let mut by_size: Vec<usize> = (0..group_bytes.len()).collect();
+    by_size.sort_by_key(|&i| (std::cmp::Reverse(group_bytes[i]), i));
+    let mut keep = Vec::new();
+    let mut sum = 0u64;
+    for i in by_size {
+        let ok = match resident {
+            Resident::Nothing => false,
+            Resident::Groups(k) => keep.len() < k,
+            Resident::Bytes(b) => sum + group_bytes[i] <= b,
+        };
+        if ok {
+            sum += group_bytes[i];
+            keep.push(i);
+        }
+    }
+    keep.sort_unstable();
+    keep
 }
 
 type Loaded = HashMap<String, Tensor>;
@@ -136,6 +176,8 @@ struct GroupState {
     /// even the first pass prefetches; then from the order the pass really took.
     groups: Option<Vec<Vec<ParamSpec>>>,
     unit_group: HashMap<String, usize>,
+    /// Groups kept resident once loaded (partial residency), by index.
+    keep: Vec<usize>,
     loaded: BTreeMap<usize, (Loaded, u64)>,
     in_flight: Option<InFlight>,
 }
@@ -164,6 +206,7 @@ pub struct ManagedWeights {
     /// Storage dtype of resident weights; `None` keeps them in the compute dtype.
     storage: Mutex<Option<StorageDtype>>,
     strategy: Mutex<Strategy>,
+    resident: Mutex<Resident>,
     acct: Arc<Accounting>,
     /// Pinned host copies for weights offloaded from a GPU (used by every strategy but `None`).
     host: Mutex<Option<Arc<HostTier>>>,
@@ -189,6 +232,7 @@ impl ManagedWeights {
             dtype,
             storage: Mutex::new(None),
             strategy: Mutex::new(Strategy::None),
+            resident: Mutex::default(),
             acct,
             host: Mutex::default(),
             declared: Mutex::default(),
@@ -283,6 +327,78 @@ impl ManagedWeights {
     pub fn group_bytes(&self) -> Option<Vec<u64>> {
         let st = lock(&self.state);
         st.group.groups.as_ref().map(|gs| {
+            gs.iter()
+                .map(|g| g.iter().map(|s| self.held_bytes(s)).sum())
+                .collect()
+        })
+    }
+
+    /// Bytes of the declared parameters (on-demand ones apart) outside every offload unit (kept
+    /// resident under group offload), and of each unit's, in construction order: what a planner
+    /// needs to size group offload before anything is loaded.
+    pub fn unit_bytes(&self) -> (u64, Vec<u64>) {
+        let units = lock(&self.units).clone();
+        let mut per = vec![0u64; units.len()];
+        let mut outside = 0u64;
+        for p in lock(&self.declared).iter().filter(|p| !p.on_demand) {
+            let owner = units
+                .iter()
+                .enumerate()
+                .filter(|(_, u)| {
+                    p.name
+                        .strip_prefix(u.as_str())
+                        .is_some_and(|r| r.starts_with('.'))
+                })
+                .max_by_key(|(_, u)| u.len());
+            match owner {
+                Some((i, _)) => per[i] += self.held_bytes(p),
+                None => outside += self.held_bytes(p),
+            }
+        }
+        (outside, per)
+    }
+
+    /// Number of declared parameters (on-demand ones apart): a model's size for compute
+    /// estimates.
+    pub fn param_count(&self) -> u64 {
+        lock(&self.declared)
+            .iter()
+            .filter(|s| !s.on_demand)
+            .map(|s| s.shape.iter().product::<usize>() as u64)
+            .sum()
+    }
+
+    /// Bytes of the declared parameters loaded only at first use (a VAE's encoder).
+    pub fn on_demand_bytes(&self) -> u64 {
+        lock(&self.declared)
+            .iter()
+            .filter(|s| s.on_demand)
+            .map(|s| self.held_bytes(s))
+            .sum()
+    }
+
+    /// Partial residency under group offload (see [`Resident`]); everything resident is
+    /// dropped first.
+    pub fn set_resident(&self, r: Resident) -> Result<()> {
+        self.release_all()?;
+        *lock(&self.resident) = r;
+        let mut st = lock(&self.state);
+        let sizes = self.groups_bytes(&st);
+        st.group.keep = resident_groups(&sizes, r);
+        Ok(())
+    }
+
+    pub fn resident(&self) -> Resident {
+        *lock(&self.resident)
+    }
+
+    /// Indices of the groups kept resident under the plan in force.
+    pub fn kept_groups(&self) -> Vec<usize> {
+        lock(&self.state).group.keep.clone()
+    }
+
+    fn groups_bytes(&self, st: &State) -> Vec<u64> {
+        st.group.groups.as_ref().map_or_else(Vec::new, |gs| {
             gs.iter()
                 .map(|g| g.iter().map(|s| self.held_bytes(s)).sum())
                 .collect()
@@ -416,9 +532,14 @@ impl ManagedWeights {
     /// The plan from the pass just seen; replaces the declared one.
     fn plan_learned(&self, st: &mut State) {
         let (order, specs) = (st.group.order.clone(), st.group.unit_specs.clone());
-        self.drop_groups(st);
+        let before = group_names(st.group.groups.as_deref());
         self.plan(st, &order, &specs);
         st.group.learned = true;
+        // When the pass ran in construction order, what is resident or in flight stays valid;
+        // otherwise its indices belong to the plan replaced.
+        if group_names(st.group.groups.as_deref()) != before {
+            self.drop_groups(st);
+        }
     }
 
     fn plan(&self, st: &mut State, order: &[String], specs: &HashMap<String, Vec<ParamSpec>>) {
@@ -440,6 +561,8 @@ impl ManagedWeights {
             groups.push(group);
         }
         g.groups = Some(groups);
+        let sizes = self.groups_bytes(st);
+        st.group.keep = resident_groups(&sizes, self.resident());
     }
 
     /// Drops every resident or in-flight group (their indices belong to the plan being replaced).
@@ -459,13 +582,15 @@ impl ManagedWeights {
             return Ok(());
         };
         let n = st.group.groups.as_ref().map_or(0, |g| g.len());
-        // Evict the others first so at most this group and one prefetch are resident.
+        // Evict the other streamed groups first so at most this group, the resident ones and
+        // one prefetch are resident.
+        let keep = st.group.keep.clone();
         let others: Vec<usize> = st
             .group
             .loaded
             .keys()
             .copied()
-            .filter(|&k| k != gi)
+            .filter(|&k| k != gi && !keep.contains(&k))
             .collect();
         for k in others {
             if let Some((_, b)) = st.group.loaded.remove(&k) {
@@ -508,9 +633,12 @@ impl ManagedWeights {
             st.group.loaded.insert(gi, entry);
         }
         if prefetch && n > 1 {
-            let next = (gi + 1) % n;
-            let busy = st.group.in_flight.is_some() || st.group.loaded.contains_key(&next);
-            if !busy {
+            // The next group not already resident (resident groups are skipped once loaded).
+            let next = (1..n)
+                .map(|d| (gi + d) % n)
+                .find(|j| !st.group.loaded.contains_key(j));
+            let busy = st.group.in_flight.is_some();
+            if let (false, Some(next)) = (busy, next) {
                 let specs = st
                     .group
                     .groups
@@ -562,6 +690,15 @@ impl ManagedWeights {
         st.adhoc.clear();
         st.adhoc_bytes = 0;
     }
+}
+
+/// The parameter names of each group, to tell whether two plans are the same.
+fn group_names(groups: Option<&[Vec<ParamSpec>]>) -> Option<Vec<Vec<String>>> {
+    groups.map(|gs| {
+        gs.iter()
+            .map(|g| g.iter().map(|s| s.name.clone()).collect())
+            .collect()
+    })
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {

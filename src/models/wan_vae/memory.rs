@@ -195,7 +195,7 @@ impl WanVaePeak {
 
 /// The conv kernels' bounded scratch (`conv2d::SCRATCH_BYTES`) and the attention's score block;
 /// the per-tap weight copies of the largest conv come on top.
-const KERNEL_SCRATCH: f64 = (crate::layers::conv2d::SCRATCH_BYTES + (64 << 20)) as f64;
+pub(crate) const KERNEL_SCRATCH: f64 = (crate::layers::conv2d::SCRATCH_BYTES + (64 << 20)) as f64;
 
 impl AutoencoderKLWan {
     /// diffusers' tile geometry (256 px tiles, stride 192) or a square tile of `tile_px` pixels
