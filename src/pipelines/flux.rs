@@ -261,7 +261,8 @@ impl Flux {
                 label: "VAE decode".into(),
                 component: "vae".into(),
                 passes: 1,
-                flops: 2.0 * self.param_count("vae") * (h * w * b) as f64 * 8.0,
+                // As SD's VAE (the same architecture, 16 latent channels).
+                flops: 2.0 * self.param_count("vae") * (h * w * b) as f64 * 2.0,
                 uses_on_demand: false,
                 choices: image_vae_choices(&self.vae, &req.vae, b, h, w)?,
             },

@@ -532,13 +532,38 @@ impl ManagedWeights {
     /// The plan from the pass just seen; replaces the declared one.
     fn plan_learned(&self, st: &mut State) {
         let (order, specs) = (st.group.order.clone(), st.group.unit_specs.clone());
-        let before = group_names(st.group.groups.as_deref());
+        let before = group_names(st.group.groups.as_deref()).unwrap_or_default();
         self.plan(st, &order, &specs);
         st.group.learned = true;
-        // When the pass ran in construction order, what is resident or in flight stays valid;
-        // otherwise its indices belong to the plan replaced.
-        if group_names(st.group.groups.as_deref()) != before {
-            self.drop_groups(st);
+        // What is resident or in flight stays where the new plan has the same group (the pass
+        // usually ran in construction order, with the stems as small groups of their own); the
+        // rest belongs to groups the new plan does not have.
+        let after = group_names(st.group.groups.as_deref()).unwrap_or_default();
+        let new_index = |old: usize| {
+            before
+                .get(old)
+                .and_then(|g| after.iter().position(|h| h == g))
+        };
+        let loaded = std::mem::take(&mut st.group.loaded);
+        for (old, entry) in loaded {
+            match new_index(old) {
+                Some(i) => {
+                    st.group.loaded.insert(i, entry);
+                }
+                None => self.acct.sub(&self.component, entry.1),
+            }
+        }
+        if let Some(mut f) = st.group.in_flight.take() {
+            match new_index(f.group) {
+                Some(i) => {
+                    f.group = i;
+                    st.group.in_flight = Some(f);
+                }
+                None => {
+                    let _ = f.handle.join();
+                    self.acct.sub(&self.component, f.bytes);
+                }
+            }
         }
     }
 
@@ -563,17 +588,6 @@ impl ManagedWeights {
         g.groups = Some(groups);
         let sizes = self.groups_bytes(st);
         st.group.keep = resident_groups(&sizes, self.resident());
-    }
-
-    /// Drops every resident or in-flight group (their indices belong to the plan being replaced).
-    fn drop_groups(&self, st: &mut State) {
-        if let Some(f) = st.group.in_flight.take() {
-            let _ = f.handle.join();
-            self.acct.sub(&self.component, f.bytes);
-        }
-        for (_, (_, b)) in std::mem::take(&mut st.group.loaded) {
-            self.acct.sub(&self.component, b);
-        }
     }
 
     /// Makes group `gi` resident, evicting every other group, then starts the next prefetch.
@@ -696,7 +710,13 @@ impl ManagedWeights {
 fn group_names(groups: Option<&[Vec<ParamSpec>]>) -> Option<Vec<Vec<String>>> {
     groups.map(|gs| {
         gs.iter()
-            .map(|g| g.iter().map(|s| s.name.clone()).collect())
+            .map(|g| {
+                // Sorted: a pass meets a group's weights in use order, a declaration in
+                // construction order.
+                let mut names: Vec<String> = g.iter().map(|s| s.name.clone()).collect();
+                names.sort_unstable();
+                names
+            })
             .collect()
     })
 }
