@@ -58,6 +58,19 @@ pub struct ActChoice {
     pub vae: VaeChoice,
 }
 
+impl ActChoice {
+    /// A phase with no alternative: its activations, exact.
+    pub fn only(bytes: f64) -> Vec<Self> {
+        vec![Self {
+            label: String::new(),
+            bytes,
+            exact: true,
+            cost: 1.0,
+            vae: VaeChoice::default(),
+        }]
+    }
+}
+
 /// What an [`ActChoice`] sets on the VAE.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct VaeChoice {
@@ -663,10 +676,18 @@ pub fn plan(
         cal,
     };
     let cands = ctx.search(cons.allow_lossy);
-    let best = cands
+    // The fastest; among plans within 1 % of it (the time model cannot tell them apart), the
+    // one moving the fewest bytes, then the one streaming least (whole components before
+    // groups before layers), then the smallest.
+    let fastest = cands
         .iter()
         .filter(|e| e.fits)
-        .min_by(|a, b| a.seconds.total_cmp(&b.seconds).then(a.peak.cmp(&b.peak)));
+        .map(|e| e.seconds)
+        .fold(f64::INFINITY, f64::min);
+    let best = cands
+        .iter()
+        .filter(|e| e.fits && e.seconds <= fastest * 1.01 + 1e-9)
+        .min_by_key(|e| (moved_total(e), streaming_rank(e), e.peak));
     let Some(best) = best else {
         return Err(too_small(&ctx, &cands));
     };
@@ -711,6 +732,14 @@ pub fn plan(
             )
         } else if same_plan(&e, best) {
             "same as the chosen plan".to_string()
+        } else if e.seconds <= best.seconds * 1.01 + 1e-9 {
+            format!(
+                "fits and is as fast (within 1 %), but moves {} and peaks at {} against {} and {}",
+                human_bytes(moved_total(&e) as f64),
+                human_bytes(e.peak as f64),
+                human_bytes(moved_total(best) as f64),
+                human_bytes(best.peak as f64),
+            )
         } else {
             format!(
                 "fits, but predicted {:.1} s against {:.1} s (moves {} against {})",
@@ -761,6 +790,23 @@ pub fn plan(
         runners_up,
         notes,
     })
+}
+
+fn moved_total(e: &Eval) -> u64 {
+    e.phases.iter().map(|p| p.moved_bytes).sum()
+}
+
+/// How much a plan streams: 0 per whole component (`none`, `model`), 1 per grouped one, 2 per
+/// sequential one.
+fn streaming_rank(e: &Eval) -> u32 {
+    e.opts
+        .values()
+        .map(|o| match o.strategy {
+            Strategy::None | Strategy::Model => 0,
+            Strategy::Group { .. } => 1,
+            Strategy::Sequential => 2,
+        })
+        .sum()
 }
 
 fn same_plan(a: &Eval, b: &Eval) -> bool {

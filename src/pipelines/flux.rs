@@ -14,7 +14,7 @@ use crate::models::{
     AutoencoderKL, AutoencoderKLConfig, ClipTextConfig, ClipTextModel, FluxInputs,
     FluxTransformer2DModel, FluxTransformerConfig, T5Config, T5EncoderModel,
 };
-use crate::planner::{ActChoice, PhaseNeed, VaeChoice};
+use crate::planner::{ActChoice, PhaseNeed};
 use crate::rng::TorchRng;
 use crate::schedulers::{flux_sigmas, FlowMatchConfig, FlowMatchEulerDiscrete, SchedulerConfig};
 use crate::tokenizer::{ClipTokenizer, T5Tokenizer};
@@ -212,15 +212,6 @@ impl Flux {
         let max_len = req.max_sequence_length.unwrap_or(MAX_SEQUENCE_LENGTH);
         let true_cfg = req.true_cfg.unwrap_or(1.0) > 1.0 && req.negative_prompt.is_some();
         let calls = if true_cfg { 2 } else { 1 };
-        let exact = |bytes: f64| {
-            vec![ActChoice {
-                label: String::new(),
-                bytes,
-                exact: true,
-                cost: 1.0,
-                vae: VaeChoice::default(),
-            }]
-        };
         let clip = self.text_encoder.config();
         let clip_tokens = clip.max_position_embeddings as f64;
         let t5 = self.text_encoder_2.config();
@@ -236,7 +227,7 @@ impl Flux {
                 passes: calls,
                 flops: 2.0 * self.param_count("text_encoder") * clip_tokens,
                 uses_on_demand: false,
-                choices: exact(clip_tokens * clip.hidden_size as f64 * 4.0 * 8.0),
+                choices: ActChoice::only(clip_tokens * clip.hidden_size as f64 * 4.0 * 8.0),
             },
             PhaseNeed {
                 label: "text encoding (T5)".into(),
@@ -245,7 +236,7 @@ impl Flux {
                 flops: 2.0 * self.param_count("text_encoder_2") * max_len as f64
                     + 4.0 * (max_len * max_len) as f64 * t5.d_model as f64 * t5.num_layers as f64,
                 uses_on_demand: false,
-                choices: exact(te),
+                choices: ActChoice::only(te),
             },
             PhaseNeed {
                 label: "denoising".into(),
@@ -255,7 +246,7 @@ impl Flux {
                     * (2.0 * self.param_count("transformer") * tokens
                         + 4.0 * tokens * tokens * inner * blocks),
                 uses_on_demand: false,
-                choices: exact(tr),
+                choices: ActChoice::only(tr),
             },
             PhaseNeed {
                 label: "VAE decode".into(),

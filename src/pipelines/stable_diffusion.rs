@@ -14,7 +14,7 @@ use crate::models::{
     AutoencoderKL, AutoencoderKLConfig, ClipTextConfig, ClipTextModel, UNet2DConditionConfig,
     UNet2DConditionModel,
 };
-use crate::planner::{ActChoice, PhaseNeed, VaeChoice};
+use crate::planner::{ActChoice, PhaseNeed};
 use crate::rng::TorchRng;
 use crate::schedulers::{self, SchedulerConfig, SchedulerKind};
 use crate::tokenizer::ClipTokenizer;
@@ -169,15 +169,6 @@ impl StableDiffusion {
         let cfg = cfg_batch(req.guidance);
         let te = self.text_encoder.config();
         let tokens = te.max_position_embeddings as f64;
-        let exact = |bytes: f64| {
-            vec![ActChoice {
-                label: String::new(),
-                bytes,
-                exact: true,
-                cost: 1.0,
-                vae: VaeChoice::default(),
-            }]
-        };
         let mut phases = vec![PhaseNeed {
             label: "text encoding".into(),
             component: "text_encoder".into(),
@@ -185,7 +176,7 @@ impl StableDiffusion {
             flops: 2.0 * self.param_count("text_encoder") * tokens,
             uses_on_demand: false,
             // A layer's hidden states, its MLP and the attention scores.
-            choices: exact(tokens * te.hidden_size as f64 * 4.0 * 8.0),
+            choices: ActChoice::only(tokens * te.hidden_size as f64 * 4.0 * 8.0),
         }];
         let vae_params = self.param_count("vae");
         let mut steps = req.steps;
@@ -197,7 +188,7 @@ impl StableDiffusion {
                 passes: 1,
                 flops: 2.0 * vae_params * (h * w) as f64 * 3.0,
                 uses_on_demand: true,
-                choices: exact(self.vae.decode_activation_estimate(1, h, w) as f64),
+                choices: ActChoice::only(self.vae.decode_activation_estimate(1, h, w) as f64),
             });
         }
         let unet = self.unet_activations(b * cfg, h, w);
@@ -210,7 +201,7 @@ impl StableDiffusion {
             // 8.2 s per step at 96 GFLOP/s measured on a 2-core Sapphire Rapids).
             flops: 2.0 * self.param_count("unet") * 0.056 * (h * w * b * cfg) as f64,
             uses_on_demand: false,
-            choices: exact(unet),
+            choices: ActChoice::only(unet),
         });
         phases.push(PhaseNeed {
             label: "VAE decode".into(),

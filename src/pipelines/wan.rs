@@ -274,15 +274,6 @@ impl Wan {
                 * (2.0 * self.param_count(name) * tokens
                     + 4.0 * tokens * tokens * tcfg.inner_dim() as f64 * tcfg.num_layers as f64)
         };
-        let exact = |bytes: f64| {
-            vec![ActChoice {
-                label: String::new(),
-                bytes,
-                exact: true,
-                cost: 1.0,
-                vae: VaeChoice::default(),
-            }]
-        };
         let mut phases = vec![PhaseNeed {
             label: "text encoding".into(),
             component: "text_encoder".into(),
@@ -290,7 +281,7 @@ impl Wan {
             // Only the prompt's own tokens are encoded (about a sentence).
             flops: 2.0 * self.param_count("text_encoder") * 64.0,
             uses_on_demand: false,
-            choices: exact(te),
+            choices: ActChoice::only(te),
         }];
         // Steps per expert: the first above the boundary timestep.
         let kind = req.scheduler.unwrap_or(SchedulerKind::UniPc);
@@ -314,7 +305,7 @@ impl Wan {
                     passes: steps * calls,
                     flops: flops(name),
                     uses_on_demand: false,
-                    choices: exact(tr),
+                    choices: ActChoice::only(tr),
                 });
             }
         }
