@@ -398,6 +398,7 @@ impl PipelineBase {
                     outside_bytes: outside,
                     unit_bytes: units,
                     largest_layer_bytes: w.largest_layer_bytes(),
+                    converted_bytes: w.converted_bytes(),
                 }
             })
             .collect()

@@ -368,6 +368,21 @@ impl ManagedWeights {
             .sum()
     }
 
+    /// Held bytes of the declared parameters (on-demand ones apart) converted as they are read
+    /// (their file's dtype is not the one they are held in, e.g. bf16 files computed in f32):
+    /// they cannot be mapped from the file and pass through read buffers.
+    pub fn converted_bytes(&self) -> u64 {
+        lock(&self.declared)
+            .iter()
+            .filter(|s| !s.on_demand)
+            .filter(|s| {
+                let file = self.store.get(&s.name).map_or(self.dtype, |t| t.dtype);
+                file != self.held(s).read_dtype()
+            })
+            .map(|s| self.held_bytes(s))
+            .sum()
+    }
+
     /// Bytes of the declared parameters loaded only at first use (a VAE's encoder).
     pub fn on_demand_bytes(&self) -> u64 {
         lock(&self.declared)
