@@ -45,6 +45,10 @@ pub struct ComponentInfo {
     pub largest_layer_bytes: u64,
     /// Weights converted as they are read (e.g. bf16 files computed in f32).
     pub converted_bytes: u64,
+    /// File bytes of the largest weight converted as it is read: while it loads, its read
+    /// buffer sits next to its converted copy (UMT5's 2 GiB bf16 embedding next to its 4 GiB
+    /// in f32), under every strategy.
+    pub largest_read_buffer: u64,
 }
 
 /// What streaming converted weights holds beyond the weights, per streamed unit's bytes: each
@@ -335,6 +339,18 @@ pub fn group_peak(groups: &[u64], keep: &[usize], prefetch: bool) -> u64 {
 }
 
 fn options(
+    c: &ComponentInfo,
+    fixed: Option<Strategy>,
+    fixed_resident: Option<Resident>,
+) -> Vec<Opt> {
+    let mut v = options_of(c, fixed, fixed_resident);
+    for o in &mut v {
+        o.active += c.largest_read_buffer;
+    }
+    v
+}
+
+fn options_of(
     c: &ComponentInfo,
     fixed: Option<Strategy>,
     fixed_resident: Option<Resident>,
@@ -918,6 +934,7 @@ mod tests {
             unit_bytes: units.to_vec(),
             largest_layer_bytes: units.iter().copied().max().unwrap_or(outside) / 2,
             converted_bytes: 0,
+            largest_read_buffer: 0,
         }
     }
 

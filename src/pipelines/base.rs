@@ -399,6 +399,7 @@ impl PipelineBase {
                     unit_bytes: units,
                     largest_layer_bytes: w.largest_layer_bytes(),
                     converted_bytes: w.converted_bytes(),
+                    largest_read_buffer: w.largest_read_buffer(),
                 }
             })
             .collect()

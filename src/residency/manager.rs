@@ -383,6 +383,20 @@ impl ManagedWeights {
             .sum()
     }
 
+    /// File bytes of the largest weight converted as it is read: its read buffer and its
+    /// converted copy exist at once while it loads.
+    pub fn largest_read_buffer(&self) -> u64 {
+        lock(&self.declared)
+            .iter()
+            .filter(|s| !s.on_demand)
+            .filter_map(|s| {
+                let t = self.store.get(&s.name)?;
+                (t.dtype != self.held(s).read_dtype()).then_some(t.end - t.start)
+            })
+            .max()
+            .unwrap_or(0)
+    }
+
     /// Bytes of the declared parameters loaded only at first use (a VAE's encoder).
     pub fn on_demand_bytes(&self) -> u64 {
         lock(&self.declared)
