@@ -307,18 +307,23 @@ impl VaeOptions {
 }
 
 impl AutoencoderKL {
+    /// The decoder's channels per level, from the latent resolution up.
+    fn decoder_channels(&self) -> Vec<u64> {
+        self.config()
+            .block_out_channels
+            .iter()
+            .rev()
+            .map(|&c| c as u64)
+            .collect()
+    }
+
     /// Estimated peak bytes of decoding `(batch, h, w)` latents untiled: the decoder's weights,
     /// plus, at the costliest resolution, the block's input, output and normalised copies and the
     /// conv's im2col buffer (9 × input channels per pixel), plus the mid-block attention matrix.
     pub fn decode_peak_estimate(&self, batch: usize, h: usize, w: usize) -> u64 {
         let cfg = self.config();
         let bytes = 4u64; // activations are computed in f32 or smaller
-        let boc: Vec<u64> = cfg
-            .block_out_channels
-            .iter()
-            .rev()
-            .map(|&c| c as u64)
-            .collect();
+        let boc = self.decoder_channels();
         let (b, h, w) = (batch as u64, h as u64, w as u64);
         let mut act = 0u64;
         for (i, &c) in boc.iter().enumerate() {
@@ -343,12 +348,7 @@ impl AutoencoderKL {
     /// reading the previous level's channels.
     pub fn decode_activation_estimate(&self, batch: usize, h: usize, w: usize) -> u64 {
         let cfg = self.config();
-        let boc: Vec<u64> = cfg
-            .block_out_channels
-            .iter()
-            .rev()
-            .map(|&c| c as u64)
-            .collect();
+        let boc = self.decoder_channels();
         let (b, h, w) = (batch as u64, h as u64, w as u64);
         let mut act = 0u64;
         for (i, &c) in boc.iter().enumerate() {
