@@ -43,6 +43,12 @@ pub enum Error {
     #[error("corrupt or truncated safetensors file {path}: {reason}")]
     CorruptSafetensors { path: PathBuf, reason: String },
 
+    #[error("corrupt or unreadable GGUF file {path}: {reason}")]
+    CorruptGguf { path: PathBuf, reason: String },
+
+    #[error("{path} does not fit this pipeline: {reason}")]
+    WrongCheckpoint { path: PathBuf, reason: String },
+
     #[error("tensor `{tensor}` is missing from {location}")]
     MissingTensor { tensor: String, location: String },
 

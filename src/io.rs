@@ -34,7 +34,7 @@ pub fn read_single_tensor(path: &Path, device: &Device) -> Result<Tensor> {
 /// renamed it into place: how every output is written, so an existing file survives any failure
 /// (a full disk, a bad path) and no partial file is left. Permissions follow the user's umask, as
 /// for any new file.
-struct TempOutput {
+pub struct TempOutput {
     path: PathBuf,
     tmp: PathBuf,
     file: std::fs::File,
@@ -42,7 +42,7 @@ struct TempOutput {
 }
 
 impl TempOutput {
-    fn create(path: &Path) -> Result<Self> {
+    pub fn create(path: &Path) -> Result<Self> {
         let dir = match path.parent() {
             Some(p) if !p.as_os_str().is_empty() => p,
             _ => Path::new("."),
@@ -71,8 +71,13 @@ impl TempOutput {
         write_error(&self.path, e.to_string())
     }
 
+    /// Appends `bytes`.
+    pub fn write(&mut self, bytes: &[u8]) -> Result<()> {
+        self.file.write_all(bytes).map_err(|e| self.fail(e))
+    }
+
     /// Syncs the data and renames the file into place.
-    fn persist(mut self) -> Result<()> {
+    pub fn persist(mut self) -> Result<()> {
         self.file.sync_all().map_err(|e| self.fail(e))?;
         std::fs::rename(&self.tmp, &self.path).map_err(|e| self.fail(e))?;
         self.persisted = true;

@@ -1,6 +1,6 @@
 //! The `lowtide` command line: argument parsing, progress and error reporting over the library.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
@@ -63,6 +63,29 @@ enum Command {
         /// A report written by `generate --report FILE.json`.
         report: PathBuf,
         /// The picture: .svg or .png.
+        #[arg(short, long)]
+        out: PathBuf,
+    },
+    /// Write a component's weights as a GGUF file (quantized), from a diffusers pipeline
+    /// folder or from a single file (--weights).
+    Quantize {
+        /// A diffusers pipeline folder (or cached repo id): the component's config and class.
+        #[arg(long)]
+        model: String,
+        /// The component to write, e.g. transformer.
+        #[arg(long, default_value = "transformer")]
+        component: String,
+        /// Read the weights from this file instead (GGUF, safetensors in any layout --weights
+        /// reads).
+        #[arg(long, value_name = "FILE")]
+        weights: Option<PathBuf>,
+        /// Weight file variant of the folder's checkpoint, e.g. fp16.
+        #[arg(long)]
+        variant: Option<String>,
+        /// q8_0, q4_0, q4_1, q5_0, q5_1, q2_k, q3_k, q4_k, q5_k, q6_k, f16, bf16 or f32.
+        #[arg(long = "type", value_name = "TYPE")]
+        qtype: String,
+        /// The .gguf file to write.
         #[arg(short, long)]
         out: PathBuf,
     },
@@ -181,6 +204,11 @@ struct GenerateArgs {
     /// file), f32, bf16, f16, f8e4m3 or f8e5m2 for the denoiser, or COMPONENT=DTYPE,...
     #[arg(long, value_name = "DTYPE")]
     storage_dtype: Option<String>,
+    /// A component's weights from one file instead of the pipeline folder (repeatable):
+    /// `transformer=flux1-dev-Q4_K_S.gguf`. GGUF, or safetensors with diffusers, original
+    /// (BFL, Wan) or ComfyUI keys, fp8_scaled included; config and tokenizers come from --model.
+    #[arg(long, value_name = "COMPONENT=FILE")]
+    weights: Vec<String>,
     /// SD: pndm, ddim, euler, euler-a or dpmpp-2m (default: the pipeline's own).
     #[arg(long)]
     scheduler: Option<String>,
@@ -416,6 +444,21 @@ fn main() -> ExitCode {
         Command::Plan { args, json } => generate(*args, Some(json)),
         Command::Plot { report, out } => plot(&report, &out),
         Command::Vae { command } => vae(*command),
+        Command::Quantize {
+            model,
+            component,
+            weights,
+            variant,
+            qtype,
+            out,
+        } => quantize(
+            &model,
+            &component,
+            weights.as_deref(),
+            variant.as_deref(),
+            &qtype,
+            &out,
+        ),
     };
     eprint!("{}", lowtide::profile::report());
     match result {
@@ -425,6 +468,65 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `lowtide quantize`: one component to a GGUF file.
+fn quantize(
+    model: &str,
+    component: &str,
+    weights: Option<&Path>,
+    variant: Option<&str>,
+    qtype: &str,
+    out: &Path,
+) -> Result<()> {
+    let target = lowtide::weights::ggml::parse(qtype)?;
+    output_path("--out", out, &["gguf"])?;
+    let root =
+        resolve_model(model, variant).with_context(|| format!("cannot find model `{model}`"))?;
+    let (store, class) =
+        lowtide::pipelines::loader::open_component_store(&root, component, variant, weights)
+            .with_context(|| format!("cannot open the weights of `{component}`"))?;
+    let arch = lowtide::weights::quantize::architecture(&class);
+    let bar = indicatif::ProgressBar::new(0);
+    let t0 = std::time::Instant::now();
+    let s = lowtide::weights::quantize::write_gguf(&store, target, arch, out, |i, n| {
+        bar.set_length(n as u64);
+        bar.set_position(i as u64);
+    })
+    .with_context(|| format!("cannot write {}", out.display()))?;
+    bar.finish_and_clear();
+    let types: Vec<String> = s
+        .per_type
+        .iter()
+        .map(|(t, (n, b))| format!("{t}: {n} tensors, {:.1} MiB", *b as f64 / 1048576.0))
+        .collect();
+    eprintln!(
+        "wrote {} ({} tensors, {:.1} MiB, architecture `{arch}`) in {:.1} s: {}",
+        out.display(),
+        s.tensors,
+        s.bytes as f64 / 1048576.0,
+        t0.elapsed().as_secs_f64(),
+        types.join("; ")
+    );
+    Ok(())
+}
+
+/// `--weights COMPONENT=FILE` pairs; every file must exist and no component be named twice.
+fn parse_weights(pairs: &[String]) -> Result<std::collections::BTreeMap<String, PathBuf>> {
+    let mut out = std::collections::BTreeMap::new();
+    for p in pairs {
+        let Some((c, f)) = p.split_once('=') else {
+            anyhow::bail!("--weights {p}: expected COMPONENT=FILE, e.g. transformer=model.gguf");
+        };
+        let (c, f) = (c.trim(), PathBuf::from(f.trim()));
+        if !f.is_file() {
+            anyhow::bail!("--weights {p}: {} is not a file", f.display());
+        }
+        if out.insert(c.to_string(), f).is_some() {
+            anyhow::bail!("--weights names `{c}` twice");
+        }
+    }
+    Ok(out)
 }
 
 /// Runs `generate`, or with `plan_only` (`Some(json)`) prints its plan and stops before loading
@@ -511,9 +613,11 @@ fn generate(args: GenerateArgs, plan_only: Option<bool>) -> Result<()> {
              drop --device-map (reset the map) to offload"
         );
     }
+    let single_files = parse_weights(&args.weights)?;
     let (root, mut opts) = args.model.open()?;
     opts.device_map = device_map;
     opts.storage = storage;
+    opts.single_files = single_files;
     opts.pin_memory = PinMemory::parse(&args.memory.pin_memory)?;
     // On a GPU, `--memory-budget ...,cpu=SIZE` bounds host RAM: the pinned copies of offloaded
     // weights (the host tier) get at most half of it, unless --pin-memory says otherwise.

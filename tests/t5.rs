@@ -40,7 +40,7 @@ fn cases(name: &str) -> serde_json::Value {
 
 fn open(root: &Path, name: &str, dtype: DType) -> Component {
     let acct = Arc::new(Accounting::default());
-    Component::open(root, name, "model", None, &Device::Cpu, dtype, acct).unwrap()
+    Component::open(root, name, "model", None, None, &Device::Cpu, dtype, acct).unwrap()
 }
 
 fn load_t5(root: &Path, dtype: DType) -> (T5EncoderModel, Component) {

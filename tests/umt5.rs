@@ -20,6 +20,7 @@ fn load(name: &str) -> (T5EncoderModel, Component) {
         "text_encoder",
         "model",
         None,
+        None,
         &Device::Cpu,
         DType::F32,
         Arc::new(Accounting::default()),

@@ -81,6 +81,7 @@ fn load(name: &str) -> (AutoencoderKLWan, Component) {
         "vae",
         "diffusion_pytorch_model",
         None,
+        None,
         &Device::Cpu,
         DType::F32,
         Default::default(),

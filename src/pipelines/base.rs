@@ -41,6 +41,9 @@ pub struct LoadOptions {
     pub storage: StoragePlan,
     /// The budget of pinned host copies of weights offloaded from a GPU (`residency::host`).
     pub pin_memory: PinMemory,
+    /// Components whose weights come from one file (`--weights NAME=FILE`: GGUF, original or
+    /// ComfyUI keys, fp8_scaled) instead of the pipeline folder's checkpoint.
+    pub single_files: BTreeMap<String, PathBuf>,
 }
 
 impl Default for LoadOptions {
@@ -52,6 +55,7 @@ impl Default for LoadOptions {
             device_map: None,
             storage: StoragePlan::default(),
             pin_memory: PinMemory::default(),
+            single_files: BTreeMap::new(),
         }
     }
 }
@@ -164,6 +168,16 @@ impl PipelineBase {
         }
         opts.storage
             .check_components(specs.iter().map(|s| s.name))?;
+        if let Some(c) = opts
+            .single_files
+            .keys()
+            .find(|c| !specs.iter().any(|s| s.name == c.as_str()))
+        {
+            return Err(Error::InvalidArgument(format!(
+                "--weights names `{c}`, which this pipeline does not have (it has {})",
+                specs.iter().map(|s| s.name).collect::<Vec<_>>().join(", ")
+            )));
+        }
         let acct = Arc::new(Accounting::default());
         // One host tier for the pipeline's GPU; nothing to pin for the CPU.
         let host = match opts.pin_memory.budget() {
@@ -175,11 +189,17 @@ impl PipelineBase {
         let components = specs
             .iter()
             .map(|s| {
+                let class = index.class_of(root, s.name)?;
+                let single = opts
+                    .single_files
+                    .get(s.name)
+                    .map(|p| (p.as_path(), class.as_str()));
                 let c = Component::open(
                     root,
                     s.name,
                     s.stem,
                     variant_of(s),
+                    single,
                     &opts.device,
                     opts.dtype,
                     acct.clone(),

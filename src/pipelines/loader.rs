@@ -10,7 +10,7 @@ use serde_json::Value;
 
 use crate::error::{read_json, Error, Result};
 use crate::residency::{Accounting, ManagedWeights, ParamPath, WeightProvider};
-use crate::weights::WeightStore;
+use crate::weights::{layouts, WeightStore};
 
 /// `model_index.json`: the pipeline class and, per component, `[library, class]`.
 #[derive(Debug, Clone)]
@@ -250,19 +250,55 @@ fn download(
     Ok(root)
 }
 
+/// The weights of component `name` of the pipeline at `root`, in diffusers' names, with its
+/// class: from `single_file` when given (converted as for `--weights`), else from the folder's
+/// checkpoint (diffusers' or transformers' file stem).
+pub fn open_component_store(
+    root: &Path,
+    name: &str,
+    variant: Option<&str>,
+    single_file: Option<&Path>,
+) -> Result<(WeightStore, String)> {
+    let class = ModelIndex::read(root)?.class_of(root, name)?;
+    let store = match single_file {
+        Some(p) => {
+            let mut store = WeightStore::open_file(p)?;
+            layouts::prepare(&mut store, &class)?;
+            store
+        }
+        None => {
+            let dir = root.join(name);
+            let stem = ["diffusion_pytorch_model", "model"]
+                .into_iter()
+                .find(|s| crate::weights::has_checkpoint(&dir, s, variant))
+                .unwrap_or("diffusion_pytorch_model");
+            WeightStore::open_component(&dir, stem, variant)?
+        }
+    };
+    Ok((store, class))
+}
+
 /// One component opened for use: its provider and the path root for its parameters.
 pub struct Component {
     pub name: String,
     pub dir: PathBuf,
     pub weights: Arc<ManagedWeights>,
+    /// The single file (`--weights NAME=FILE`) the weights come from instead of the folder's
+    /// checkpoint.
+    pub single_file: Option<PathBuf>,
 }
 
 impl Component {
+    /// Opens component `name` of the pipeline at `root`: its config from the folder and its
+    /// weights from the folder's checkpoint, or from `single_file` (any layout
+    /// [`layouts::prepare`] converts for a `class`).
+    #[allow(clippy::too_many_arguments)]
     pub fn open(
         root: &Path,
         name: &str,
         stem: &str,
         variant: Option<&str>,
+        single_file: Option<(&Path, &str)>,
         device: &Device,
         dtype: DType,
         acct: Arc<Accounting>,
@@ -275,9 +311,24 @@ impl Component {
                 hint: "the pipeline folder is incomplete".into(),
             });
         }
-        let store = WeightStore::open_component(&dir, stem, variant)?;
+        let store = match single_file {
+            Some((path, class)) => {
+                if !path.is_file() {
+                    return Err(Error::NotFound {
+                        what: format!("weights file for `{name}`"),
+                        path: path.to_path_buf(),
+                        hint: "check the path given to --weights".into(),
+                    });
+                }
+                let mut store = WeightStore::open_file(path)?;
+                layouts::prepare(&mut store, class)?;
+                store
+            }
+            None => WeightStore::open_component(&dir, stem, variant)?,
+        };
         Ok(Self {
             name: name.into(),
+            single_file: single_file.map(|(p, _)| p.to_path_buf()),
             dir,
             weights: Arc::new(ManagedWeights::new(
                 name,
@@ -298,7 +349,46 @@ impl Component {
     pub fn validate(&self, pp: &ParamPath) -> Result<()> {
         let declared = pp.declared();
         for spec in &declared {
-            self.weights.store().check(&spec.name, &spec.shape)?;
+            let checked = self.weights.store().check(&spec.name, &spec.shape);
+            match (checked, &self.single_file) {
+                (
+                    Err(Error::ShapeMismatch {
+                        tensor,
+                        path,
+                        expected,
+                        found,
+                    }),
+                    Some(_),
+                ) => {
+                    return Err(Error::WrongCheckpoint {
+                        path,
+                        reason: format!(
+                            "tensor `{tensor}` has shape {found:?} where {}/config.json needs \
+                             {expected:?}: the file is another size or version of this model",
+                            self.dir.display()
+                        ),
+                    })
+                }
+                (r, _) => {
+                    r?;
+                }
+            }
+        }
+        if let Some(path) = &self.single_file {
+            let names: Vec<String> = declared.iter().map(|s| s.name.clone()).collect();
+            let extra = layouts::unused(self.weights.store(), &names);
+            if !extra.is_empty() {
+                let first: Vec<&str> = extra.iter().take(5).map(|s| s.as_str()).collect();
+                return Err(Error::WrongCheckpoint {
+                    path: path.clone(),
+                    reason: format!(
+                        "{} tensors that {}/config.json's model does not have, first: {}",
+                        extra.len(),
+                        self.dir.display(),
+                        first.join(", ")
+                    ),
+                });
+            }
         }
         self.weights.set_declared(declared);
         self.weights.set_units(pp.declared_units());

@@ -260,7 +260,7 @@ fn read_rate(pipe: &dyn Pipeline) -> Result<f64> {
     let store = c.weights.store();
     let mut tensors: Vec<(&String, u64, Vec<usize>)> = store
         .names()
-        .filter_map(|n| store.get(n).map(|t| (n, t.end - t.start, t.shape.clone())))
+        .filter_map(|n| store.get(n).map(|t| (n, t.nbytes(), t.shape.clone())))
         .collect();
     tensors.sort_by_key(|t| std::cmp::Reverse(t.1));
     let (mut bytes, mut secs) = (0u64, 0f64);

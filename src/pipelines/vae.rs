@@ -36,6 +36,7 @@ fn open_vae_component(root: &Path, opts: &LoadOptions) -> Result<Component> {
         &name,
         "diffusion_pytorch_model",
         opts.variant.as_deref(),
+        None,
         &opts.device,
         opts.dtype,
         Default::default(),

@@ -28,7 +28,7 @@ use super::host::HostTier;
 use super::storage::{held, Held, StorageDtype};
 use super::{ParamSpec, WeightProvider};
 use crate::error::{Error, Result};
-use crate::weights::WeightStore;
+use crate::weights::{Encoding, WeightStore};
 
 /// How a component's weights are brought onto the execution device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -100,8 +100,20 @@ fn bytes_of(t: &Tensor) -> u64 {
 /// Reads one weight from storage in the form it is held in. It is made on the CPU, where the file
 /// is read (so an fp8 e5m2 weight travels as its held bytes), then moved to `device`.
 fn load_held(store: &WeightStore, spec: &ParamSpec, h: Held, device: &Device) -> Result<Tensor> {
-    let t = store.load(&spec.name, &spec.shape, h.read_dtype(), &Device::Cpu)?;
+    let t = if h.is_packed() {
+        store.load_packed(&spec.name, &spec.shape)?
+    } else {
+        store.load(&spec.name, &spec.shape, h.read_dtype(), &Device::Cpu)?
+    };
     Ok(h.narrow(t)?.to_device(device)?)
+}
+
+/// The shape of the held tensor: ggml blocks are a 1-D run of bytes.
+fn held_shape(spec: &ParamSpec, h: Held) -> Vec<usize> {
+    match h {
+        Held::Ggml(_) => vec![h.bytes(spec.shape.iter().product()) as usize],
+        _ => spec.shape.clone(),
+    }
 }
 
 /// Where a component's weights come from: its checkpoint, through the host tier when the
@@ -119,7 +131,7 @@ impl Source {
             Some(host) if device.is_cuda() => host.load(
                 &format!("{}/{}", self.component, spec.name),
                 h.dtype(),
-                &spec.shape,
+                &held_shape(spec, h),
                 || load_held(&self.store, spec, h, &Device::Cpu),
                 device,
             ),
@@ -290,19 +302,23 @@ impl ManagedWeights {
 
     /// How `spec` is held: the storage dtype where it applies, else the file's or compute dtype.
     fn held(&self, spec: &ParamSpec) -> Held {
-        let file = self.store.get(&spec.name).map_or(self.dtype, |t| t.dtype);
+        let (file, encoding) = self
+            .store
+            .get(&spec.name)
+            .map_or((self.dtype, Encoding::Plain), |t| (t.dtype, t.encoding));
         held(
             *lock(&self.storage),
             &spec.name,
             spec.castable,
             file,
+            encoding,
             self.dtype,
         )
     }
 
     /// Bytes `spec` occupies while resident.
     fn held_bytes(&self, spec: &ParamSpec) -> u64 {
-        (spec.shape.iter().product::<usize>() * self.held(spec).size_in_bytes()) as u64
+        self.held(spec).bytes(spec.shape.iter().product::<usize>())
     }
 
     /// Bytes of all declared parameters as they are held resident.
@@ -391,7 +407,7 @@ impl ManagedWeights {
             .filter(|s| !s.on_demand)
             .filter_map(|s| {
                 let t = self.store.get(&s.name)?;
-                (t.dtype != self.held(s).read_dtype()).then_some(t.end - t.start)
+                (t.dtype != self.held(s).read_dtype()).then_some(t.nbytes())
             })
             .max()
             .unwrap_or(0)
@@ -814,7 +830,7 @@ impl WeightProvider for ManagedWeights {
     /// call; the copy lives only as long as the layer uses it.
     fn get(&self, spec: &ParamSpec) -> Result<Tensor> {
         let t = self.get_held(spec)?;
-        self.held(spec).widen(&t, self.dtype)
+        self.held(spec).widen(&t, &spec.shape, self.dtype)
     }
 
     /// A bf16-held weight of an f32 component as it is held: no copy.
@@ -822,7 +838,7 @@ impl WeightProvider for ManagedWeights {
         let t = self.get_held(spec)?;
         match self.held(spec) {
             Held::Dtype(DType::BF16) if self.dtype == DType::F32 => Ok(t),
-            h => h.widen(&t, self.dtype),
+            h => h.widen(&t, &spec.shape, self.dtype),
         }
     }
 

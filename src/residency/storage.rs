@@ -7,6 +7,8 @@ use std::collections::BTreeMap;
 use candle_core::{DType, Tensor};
 
 use crate::error::{Error, Result};
+use crate::weights::ggml::{self, GgmlDType};
+use crate::weights::{dequantize_packed, widen_scaled_fp8, Encoding};
 
 /// What `--storage-dtype` names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -121,36 +123,50 @@ impl StoragePlan {
 pub enum Held {
     Dtype(DType),
     F8E5M2,
+    /// A GGUF file's ggml blocks, as read (a 1-D U8 tensor).
+    Ggml(GgmlDType),
+    /// A ComfyUI fp8_scaled weight: its f8e4m3 elements, and its scale's bits.
+    ScaledFp8(u32),
 }
 
 impl Held {
-    pub fn size_in_bytes(self) -> usize {
-        match self {
-            Held::Dtype(d) => d.size_in_bytes(),
-            Held::F8E5M2 => 1,
-        }
+    /// Bytes of `elems` values held this way.
+    pub fn bytes(self, elems: usize) -> u64 {
+        (match self {
+            Held::Dtype(d) => elems * d.size_in_bytes(),
+            Held::F8E5M2 | Held::ScaledFp8(_) => elems,
+            Held::Ggml(t) => ggml::bytes_for(t, elems),
+        }) as u64
     }
 
-    /// The dtype of the held tensor (fp8 e5m2 lives in a U8 tensor).
+    /// Whether the weight is held in its file's packed form (read as stored, never widened).
+    pub fn is_packed(self) -> bool {
+        matches!(self, Held::Ggml(_) | Held::ScaledFp8(_))
+    }
+
+    /// The dtype of the held tensor (fp8 e5m2 and ggml blocks live in U8 tensors).
     pub fn dtype(self) -> DType {
         match self {
             Held::Dtype(d) => d,
-            Held::F8E5M2 => DType::U8,
+            Held::F8E5M2 | Held::Ggml(_) => DType::U8,
+            Held::ScaledFp8(_) => DType::F8E4M3,
         }
     }
 
-    /// The dtype to read the file into before [`Held::narrow`].
+    /// The dtype to read the file into before [`Held::narrow`] (packed forms: as stored).
     pub fn read_dtype(self) -> DType {
         match self {
             Held::Dtype(d) => d,
             Held::F8E5M2 => DType::F32,
+            Held::Ggml(_) => DType::U8,
+            Held::ScaledFp8(_) => DType::F8E4M3,
         }
     }
 
     /// Converts a tensor read as [`Held::read_dtype`] into its held form.
     pub fn narrow(self, t: Tensor) -> Result<Tensor> {
         match self {
-            Held::Dtype(_) => Ok(t),
+            Held::Dtype(_) | Held::Ggml(_) | Held::ScaledFp8(_) => Ok(t),
             Held::F8E5M2 => {
                 let bytes: Vec<u8> = t
                     .flatten_all()?
@@ -163,9 +179,18 @@ impl Held {
         }
     }
 
-    /// The held tensor in the compute dtype (a no-op when they agree).
-    pub fn widen(self, t: &Tensor, compute: DType) -> Result<Tensor> {
+    /// The held tensor in the compute dtype (a no-op when they agree), in `shape`.
+    pub fn widen(self, t: &Tensor, shape: &[usize], compute: DType) -> Result<Tensor> {
         match self {
+            Held::Ggml(g) => {
+                let v = dequantize_packed(t, g, shape)?;
+                Ok(if compute == DType::F32 {
+                    v
+                } else {
+                    v.to_dtype(compute)?
+                })
+            }
+            Held::ScaledFp8(bits) => widen_scaled_fp8(t, f32::from_bits(bits), compute),
             Held::Dtype(d) if d == compute => Ok(t.clone()),
             Held::Dtype(_) => Ok(t.to_dtype(compute)?),
             Held::F8E5M2 if t.device().is_cpu() => {
@@ -202,14 +227,22 @@ fn widen_e5m2_gather(t: &Tensor, compute: DType) -> Result<Tensor> {
     Ok(vals.reshape(t.dims())?.to_dtype(compute)?)
 }
 
-/// How a weight with this name, castability and file dtype is held under `storage`.
+/// How a weight with this name, castability and file dtype and encoding is held under
+/// `storage`. Packed weights (GGUF blocks, scaled fp8) stay packed whatever `storage` says: that
+/// is what the file is for.
 pub fn held(
     storage: Option<StorageDtype>,
     name: &str,
     castable: bool,
     file: DType,
+    encoding: Encoding,
     compute: DType,
 ) -> Held {
+    match encoding {
+        Encoding::Ggml(g) => return Held::Ggml(g),
+        Encoding::ScaledFp8 { scale } => return Held::ScaledFp8(scale.to_bits()),
+        Encoding::Plain => {}
+    }
     match storage {
         None => Held::Dtype(compute),
         Some(StorageDtype::Auto) => Held::Dtype(file),
@@ -240,7 +273,7 @@ mod tests {
     fn e5m2_gather_equals_the_table_loop() {
         let dev = candle_core::Device::Cpu;
         let bytes = Tensor::from_vec((0..=255u8).collect::<Vec<_>>(), (16, 16), &dev).unwrap();
-        let looped = Held::F8E5M2.widen(&bytes, DType::F32).unwrap();
+        let looped = Held::F8E5M2.widen(&bytes, &[16, 16], DType::F32).unwrap();
         let gathered = widen_e5m2_gather(&bytes, DType::F32).unwrap();
         assert_eq!(gathered.dims(), &[16, 16]);
         let bits = |t: &Tensor| -> Vec<u32> {

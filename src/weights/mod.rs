@@ -8,7 +8,13 @@
 //! offloaded bytes really leave the process); everything else is read with positioned reads. A
 //! file truncated before a tensor is loaded is a clean error either way.
 
+pub mod ggml;
+pub mod layouts;
 pub mod mapped;
+pub mod quantize;
 mod store;
 
-pub use store::{checkpoint_files, has_checkpoint, StoredTensor, WeightStore};
+pub use store::{
+    checkpoint_files, dequantize_packed, has_checkpoint, widen_scaled_fp8, Encoding, StoredTensor,
+    WeightStore,
+};

@@ -6,23 +6,81 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use safetensors::tensor::{Dtype as StDtype, SafeTensors};
 
-use super::mapped;
+use super::{ggml, mapped};
 use crate::error::{read_json, Error, Result};
+use ggml::GgmlDType;
+
+/// How a stored tensor's bytes encode its values.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Encoding {
+    /// Plain elements of the tensor's dtype.
+    Plain,
+    /// ggml blocks (GGUF), dequantized at use.
+    Ggml(GgmlDType),
+    /// ComfyUI's "fp8_scaled": f8e4m3 elements times a per-tensor `scale_weight`.
+    ScaledFp8 { scale: f32 },
+}
 
 /// One tensor's place in a checkpoint.
 #[derive(Debug, Clone)]
 pub struct StoredTensor {
     pub file: usize,
+    /// The element dtype: U8 for ggml blocks, F8E4M3 for scaled fp8.
     pub dtype: DType,
+    pub encoding: Encoding,
+    /// The shape the model sees (diffusers' layout).
     pub shape: Vec<usize>,
-    /// Absolute byte range in the file.
-    pub start: u64,
-    pub end: u64,
+    /// Absolute byte ranges in the file, read one after the other: one range, or several where
+    /// a file's layout is rearranged into diffusers' (rows of a fused tensor, swapped halves).
+    pub segments: Vec<(u64, u64)>,
 }
 
 impl StoredTensor {
     pub fn nbytes(&self) -> u64 {
-        self.end - self.start
+        self.segments.iter().map(|(a, b)| b - a).sum()
+    }
+
+    /// Whether the values are block-quantized or scaled: kept in that form, never widened.
+    pub fn is_packed(&self) -> bool {
+        self.encoding != Encoding::Plain
+    }
+
+    /// Bytes of one row (the last dimension), in this encoding.
+    fn row_bytes(&self) -> u64 {
+        let row = *self.shape.last().unwrap_or(&1);
+        match self.encoding {
+            Encoding::Ggml(t) => ggml::bytes_for(t, row) as u64,
+            _ => (row * self.dtype.size_in_bytes()) as u64,
+        }
+    }
+
+    /// Rows `r0..r1` of the first dimension (a part of a fused tensor), as a tensor of its own.
+    pub fn rows(&self, r0: usize, r1: usize) -> Option<StoredTensor> {
+        let inner: usize = self.shape.iter().skip(1).product();
+        let per_row = self.row_bytes() * (inner / self.shape.last().copied().unwrap_or(1)) as u64;
+        if r1 > *self.shape.first()? || r0 >= r1 || self.segments.len() != 1 {
+            return None;
+        }
+        let (start, _) = self.segments[0];
+        let mut t = self.clone();
+        t.shape[0] = r1 - r0;
+        t.segments = vec![(start + per_row * r0 as u64, start + per_row * r1 as u64)];
+        Some(t)
+    }
+
+    /// These rows followed by `other`'s (same file, encoding and trailing shape).
+    pub fn then(&self, other: &StoredTensor) -> Option<StoredTensor> {
+        if self.file != other.file
+            || self.encoding != other.encoding
+            || self.dtype != other.dtype
+            || self.shape.get(1..) != other.shape.get(1..)
+        {
+            return None;
+        }
+        let mut t = self.clone();
+        t.shape[0] += other.shape[0];
+        t.segments.extend(other.segments.iter().copied());
+        Some(t)
     }
 }
 
@@ -31,6 +89,8 @@ impl StoredTensor {
 pub struct WeightStore {
     files: Vec<(PathBuf, File, u64)>,
     tensors: HashMap<String, StoredTensor>,
+    /// A GGUF file's `general.architecture`.
+    pub architecture: Option<String>,
 }
 
 #[derive(serde::Deserialize)]
@@ -171,6 +231,7 @@ fn to_candle_dtype(d: StDtype) -> Option<DType> {
         StDtype::F64 => DType::F64,
         StDtype::U8 => DType::U8,
         StDtype::U32 => DType::U32,
+        StDtype::F8_E4M3 => DType::F8E4M3,
         StDtype::I64 => DType::I64,
         _ => return None,
     })
@@ -239,15 +300,154 @@ impl WeightStore {
                     StoredTensor {
                         file: fi,
                         dtype,
+                        encoding: Encoding::Plain,
                         shape: info.shape.clone(),
-                        start: data_start + info.data_offsets.0 as u64,
-                        end: data_start + info.data_offsets.1 as u64,
+                        segments: vec![(
+                            data_start + info.data_offsets.0 as u64,
+                            data_start + info.data_offsets.1 as u64,
+                        )],
                     },
                 );
             }
             files.push((path.clone(), file, len));
         }
-        Ok(Self { files, tensors })
+        Ok(Self {
+            files,
+            tensors,
+            architecture: None,
+        })
+    }
+
+    /// Opens one weight file: GGUF (by its magic) or safetensors.
+    pub fn open_file(path: &Path) -> Result<Self> {
+        let mut magic = [0u8; 4];
+        let is_gguf = File::open(path)
+            .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic))
+            .is_ok()
+            && &magic == b"GGUF";
+        if is_gguf {
+            Self::open_gguf(path)
+        } else {
+            Self::open(&[path.to_path_buf()])
+        }
+    }
+
+    /// Indexes a GGUF file's tensors (candle reads the header). Shapes are in PyTorch's order;
+    /// tensors of more than 4 dimensions, which ggml cannot hold, take the shape ComfyUI-GGUF's
+    /// converter records in `comfy.gguf.orig_shape.<name>`.
+    pub fn open_gguf(path: &Path) -> Result<Self> {
+        use candle_core::quantized::gguf_file::{Content, Value};
+        let corrupt = |reason: String| Error::CorruptGguf {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+        let mut reader = std::io::BufReader::new(&file);
+        let content = Content::read(&mut reader).map_err(|e| {
+            let e = e.to_string();
+            if e.contains("unknown dtype") {
+                corrupt(format!(
+                    "{e}: a ggml type lowtide does not read (it reads F32, F16, BF16, Q8_0, \
+                     Q4_0, Q4_1, Q5_0, Q5_1 and Q2_K..Q6_K)"
+                ))
+            } else {
+                corrupt(e)
+            }
+        })?;
+        drop(reader);
+        let architecture = match content.metadata.get("general.architecture") {
+            Some(Value::String(s)) => Some(s.clone()),
+            _ => None,
+        };
+        let orig_shape = |name: &str| -> Option<Vec<usize>> {
+            let Some(Value::Array(v)) = content
+                .metadata
+                .get(&format!("comfy.gguf.orig_shape.{name}"))
+            else {
+                return None;
+            };
+            v.iter()
+                .map(|x| match x {
+                    Value::I32(i) => usize::try_from(*i).ok(),
+                    Value::I64(i) => usize::try_from(*i).ok(),
+                    other => other.to_u64().ok().map(|u| u as usize),
+                })
+                .collect()
+        };
+        let mut tensors = HashMap::new();
+        for (name, info) in &content.tensor_infos {
+            let g = info.ggml_dtype;
+            let mut shape = info.shape.dims().to_vec();
+            let n: usize = shape.iter().product();
+            if n % g.block_size() != 0 {
+                return Err(corrupt(format!(
+                    "tensor `{name}` has {n} values, not whole {} blocks",
+                    ggml::name(g)
+                )));
+            }
+            if let Some(s) = orig_shape(name) {
+                if s.iter().product::<usize>() == n {
+                    shape = s;
+                }
+            }
+            let start = content.tensor_data_offset + info.offset;
+            let end = start + ggml::bytes_for(g, n) as u64;
+            if end > len {
+                return Err(corrupt(format!(
+                    "tensor `{name}` ends at byte {end} but the file has {len}: truncated \
+                     (re-download it)"
+                )));
+            }
+            let (dtype, encoding) = match g {
+                GgmlDType::F32 => (DType::F32, Encoding::Plain),
+                GgmlDType::F16 => (DType::F16, Encoding::Plain),
+                GgmlDType::BF16 => (DType::BF16, Encoding::Plain),
+                q => (DType::U8, Encoding::Ggml(q)),
+            };
+            tensors.insert(
+                name.clone(),
+                StoredTensor {
+                    file: 0,
+                    dtype,
+                    encoding,
+                    shape,
+                    segments: vec![(start, end)],
+                },
+            );
+        }
+        Ok(Self {
+            files: vec![(path.to_path_buf(), file, len)],
+            tensors,
+            architecture,
+        })
+    }
+
+    /// Removes a tensor from the index (for key conversions).
+    pub fn take(&mut self, name: &str) -> Option<StoredTensor> {
+        self.tensors.remove(name)
+    }
+
+    /// Adds or replaces a tensor of the index (for key conversions).
+    pub fn insert(&mut self, name: impl Into<String>, t: StoredTensor) {
+        self.tensors.insert(name.into(), t);
+    }
+
+    /// Every tensor of the index, for a conversion that rebuilds it.
+    pub fn take_all(&mut self) -> HashMap<String, StoredTensor> {
+        std::mem::take(&mut self.tensors)
+    }
+
+    /// The tensor's bytes as stored, whatever the encoding (ComfyUI's scale scalars).
+    pub fn read_raw(&self, t: &StoredTensor) -> Result<Vec<u8>> {
+        let mut buf = vec![0u8; t.nbytes() as usize];
+        self.read_into("(raw)", t, &mut buf)?;
+        Ok(buf)
+    }
+
+    /// The first file's path.
+    pub fn path(&self) -> &Path {
+        &self.files[0].0
     }
 
     /// Opens a component folder's checkpoint (see [`checkpoint_files`]).
@@ -293,7 +493,7 @@ impl WeightStore {
                 found: t.shape.clone(),
             });
         }
-        if !t.dtype.is_float() {
+        if !t.is_packed() && !t.dtype.is_float() {
             return Err(Error::DtypeMismatch {
                 tensor: name.to_string(),
                 path: self.path_of(t).to_path_buf(),
@@ -303,18 +503,13 @@ impl WeightStore {
         Ok(t)
     }
 
-    /// Reads one tensor from disk and converts it to `dtype` on `device`.
-    pub fn load(
-        &self,
-        name: &str,
-        shape: &[usize],
-        dtype: DType,
-        device: &Device,
-    ) -> Result<Tensor> {
-        let t = self.check(name, shape)?;
+    /// Reads a tensor's bytes (all its segments) into `buf`, which has exactly that length.
+    fn read_into(&self, name: &str, t: &StoredTensor, buf: &mut [u8]) -> Result<()> {
         let (path, file, _) = &self.files[t.file];
-        let read = |buf: &mut [u8]| {
-            file.read_exact_at(buf, t.start).map_err(|e| {
+        let mut at = 0usize;
+        for &(a, b) in &t.segments {
+            let n = (b - a) as usize;
+            file.read_exact_at(&mut buf[at..at + n], a).map_err(|e| {
                 if e.kind() == std::io::ErrorKind::UnexpectedEof {
                     Error::CorruptSafetensors {
                         path: path.clone(),
@@ -325,34 +520,78 @@ impl WeightStore {
                 } else {
                     Error::io(path, e)
                 }
-            })
-        };
+            })?;
+            at += n;
+        }
+        Ok(())
+    }
+
+    /// Reads a packed tensor (ggml blocks, scaled fp8) in its stored form, on the CPU: a 1-D U8
+    /// tensor of its blocks, or its fp8 elements in its shape.
+    pub fn load_packed(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let t = self.check(name, shape)?;
+        let mut buf = vec![0u8; t.nbytes() as usize];
+        advise_huge_pages(&mut buf);
+        self.read_into(name, t, &mut buf)?;
+        Ok(match t.encoding {
+            Encoding::Ggml(_) => {
+                let n = buf.len();
+                Tensor::from_vec(buf, n, &Device::Cpu)?
+            }
+            _ => Tensor::from_raw_buffer(&buf, t.dtype, &t.shape, &Device::Cpu)?,
+        })
+    }
+
+    /// Reads one tensor from disk and converts it to `dtype` on `device` (packed tensors are
+    /// dequantized).
+    pub fn load(
+        &self,
+        name: &str,
+        shape: &[usize],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor> {
+        let t = self.check(name, shape)?;
         let n: usize = t.shape.iter().product();
-        // Large tensors are backed by the file's pages (no copy); the rest are read straight into
-        // the tensor's own buffer (zeroed allocations of this size come from fresh pages).
-        let tensor = match t.dtype {
-            DType::F32 => Tensor::from_vec(
-                self.mapped_or_read::<f32>(t, n, &read)?,
-                t.shape.as_slice(),
-                &Device::Cpu,
-            )?,
-            DType::F16 => Tensor::from_vec(
-                self.mapped_or_read::<half::f16>(t, n, &read)?,
-                t.shape.as_slice(),
-                &Device::Cpu,
-            )?,
-            DType::BF16 => Tensor::from_vec(
-                self.mapped_or_read::<half::bf16>(t, n, &read)?,
-                t.shape.as_slice(),
-                &Device::Cpu,
-            )?,
-            _ => {
-                let mut buf = vec![0u8; t.nbytes() as usize];
-                read(&mut buf)?;
-                Tensor::from_raw_buffer(&buf, t.dtype, &t.shape, &Device::Cpu)?
+        let tensor = match t.encoding {
+            Encoding::Ggml(g) => {
+                let raw = self.load_packed(name, shape)?;
+                dequantize_packed(&raw, g, &t.shape)?
+            }
+            Encoding::ScaledFp8 { scale } => {
+                let raw = self.load_packed(name, shape)?;
+                widen_scaled_fp8(&raw, scale, DType::F32)?
+            }
+            Encoding::Plain => {
+                let read = |buf: &mut [u8]| self.read_into(name, t, buf);
+                // Large tensors are backed by the file's pages (no copy); the rest are read
+                // straight into the tensor's own buffer (zeroed allocations of this size come
+                // from fresh pages).
+                match t.dtype {
+                    DType::F32 => Tensor::from_vec(
+                        self.mapped_or_read::<f32>(t, n, &read)?,
+                        t.shape.as_slice(),
+                        &Device::Cpu,
+                    )?,
+                    DType::F16 => Tensor::from_vec(
+                        self.mapped_or_read::<half::f16>(t, n, &read)?,
+                        t.shape.as_slice(),
+                        &Device::Cpu,
+                    )?,
+                    DType::BF16 => Tensor::from_vec(
+                        self.mapped_or_read::<half::bf16>(t, n, &read)?,
+                        t.shape.as_slice(),
+                        &Device::Cpu,
+                    )?,
+                    _ => {
+                        let mut buf = vec![0u8; t.nbytes() as usize];
+                        read(&mut buf)?;
+                        Tensor::from_raw_buffer(&buf, t.dtype, &t.shape, &Device::Cpu)?
+                    }
+                }
             }
         };
-        let tensor = if t.dtype == dtype {
+        let tensor = if tensor.dtype() == dtype {
             tensor
         } else {
             tensor.to_dtype(dtype)?
@@ -371,18 +610,20 @@ impl WeightStore {
         // A page past the end of the file would fault: map only while the file still holds the
         // whole tensor (populating the pages then checks it again).
         let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
-        if mapping_enabled() && len >= t.end {
-            match mapped::map_vec::<T>(file, t.start, n) {
-                Ok(v) => return Ok(v),
-                Err(mapped::MapError::Truncated) => {
-                    return Err(Error::CorruptSafetensors {
-                        path: path.clone(),
-                        reason: "a tensor ends past the end of the file (truncated after it was \
-                                 opened?)"
-                            .into(),
-                    })
+        if let [(start, end)] = t.segments[..] {
+            if mapping_enabled() && len >= end {
+                match mapped::map_vec::<T>(file, start, n) {
+                    Ok(v) => return Ok(v),
+                    Err(mapped::MapError::Truncated) => {
+                        return Err(Error::CorruptSafetensors {
+                            path: path.clone(),
+                            reason: "a tensor ends past the end of the file (truncated after it \
+                                     was opened?)"
+                                .into(),
+                        })
+                    }
+                    Err(mapped::MapError::Unsuitable) => {}
                 }
-                Err(mapped::MapError::Unsuitable) => {}
             }
         }
         read_typed::<T>(n, read)
@@ -403,4 +644,43 @@ impl WeightStore {
         }
         Ok(())
     }
+}
+
+/// A packed tensor's values: ggml blocks (a 1-D U8 tensor, on any device) dequantized on the CPU
+/// into `shape`, in f32, on the blocks' device.
+pub fn dequantize_packed(raw: &Tensor, t: GgmlDType, shape: &[usize]) -> Result<Tensor> {
+    let device = raw.device().clone();
+    let host = if device.is_cpu() {
+        raw.clone()
+    } else {
+        raw.to_device(&Device::Cpu)?
+    };
+    let n: usize = shape.iter().product();
+    let mut out = vec![0f32; n];
+    {
+        let (storage, layout) = host.storage_and_layout();
+        let candle_core::Storage::Cpu(cpu) = &*storage else {
+            return Err(Error::InvalidArgument(
+                "ggml blocks are not on the CPU".into(),
+            ));
+        };
+        let bytes = cpu.as_slice::<u8>()?;
+        let start = layout.start_offset();
+        let len = host.elem_count();
+        ggml::dequantize(t, &bytes[start..start + len], &mut out)?;
+    }
+    let v = Tensor::from_vec(out, shape, &Device::Cpu)?;
+    Ok(if device.is_cpu() {
+        v
+    } else {
+        v.to_device(&device)?
+    })
+}
+
+/// Scaled fp8 values in `compute`, as ComfyUI's `scaled_fp8` layers compute them: the weight cast
+/// to the compute dtype, times the scale cast to it.
+pub fn widen_scaled_fp8(raw: &Tensor, scale: f32, compute: DType) -> Result<Tensor> {
+    let w = raw.to_dtype(compute)?;
+    let s = Tensor::new(&[scale], raw.device())?.to_dtype(compute)?;
+    Ok(w.broadcast_mul(&s)?)
 }

@@ -149,6 +149,7 @@ pub fn build_component<C: serde::de::DeserializeOwned, M>(
         component,
         "diffusion_pytorch_model",
         None,
+        None,
         &Device::Cpu,
         DType::F32,
         std::sync::Arc::default(),
