@@ -131,9 +131,15 @@ enum VaeCommand {
 
 #[derive(Args)]
 struct ModelArgs {
-    /// A diffusers pipeline folder, or a Hugging Face repo id found in the local cache.
+    /// A diffusers pipeline folder, or a Hugging Face repo id found in the local cache; or one
+    /// original checkpoint file holding the whole pipeline (with --config).
     #[arg(long)]
     model: String,
+    /// With a single-file --model: the diffusers pipeline (folder or cached repo id) whose
+    /// model_index, configs, scheduler and tokenizers go with it, as diffusers'
+    /// `from_single_file(path, config=...)`.
+    #[arg(long, value_name = "DIR|REPO_ID")]
+    config: Option<String>,
     /// Weight file variant, e.g. `fp16` for `*.fp16.safetensors`.
     #[arg(long)]
     variant: Option<String>,
@@ -166,12 +172,28 @@ impl ModelArgs {
                 self.dtype
             );
         }
-        let root = resolve_model(&self.model, self.variant.as_deref())
-            .with_context(|| format!("cannot find model `{}`", self.model))?;
+        let file = Path::new(&self.model);
+        let (pipeline, whole_file) = match (&self.config, file.is_file()) {
+            (Some(c), true) => (c.as_str(), Some(file.to_path_buf())),
+            (None, true) => anyhow::bail!(
+                "--model {} is a single file: give the pipeline it belongs to with --config \
+                 DIR|REPO_ID (its configs and tokenizers), e.g. --config \
+                 stable-diffusion-v1-5/stable-diffusion-v1-5",
+                self.model
+            ),
+            (Some(_), false) => anyhow::bail!(
+                "--config goes with a single-file --model; {} is not a file",
+                self.model
+            ),
+            (None, false) => (self.model.as_str(), None),
+        };
+        let root = resolve_model(pipeline, self.variant.as_deref())
+            .with_context(|| format!("cannot find model `{pipeline}`"))?;
         let opts = LoadOptions {
             device,
             dtype,
             variant: self.variant.clone(),
+            whole_file,
             ..LoadOptions::default()
         };
         Ok((root, opts))
@@ -533,7 +555,8 @@ fn parse_weights(pairs: &[String]) -> Result<std::collections::BTreeMap<String, 
 /// any weight.
 fn generate(args: GenerateArgs, plan_only: Option<bool>) -> Result<()> {
     // Check cheap arguments and every output path before loading gigabytes.
-    let video = model_class(&args.model.model).is_some_and(|c| lowtide::pipelines::makes_video(&c));
+    let pipeline = args.model.config.as_deref().unwrap_or(&args.model.model);
+    let video = model_class(pipeline).is_some_and(|c| lowtide::pipelines::makes_video(&c));
     let out_path = args
         .out
         .clone()

@@ -44,6 +44,9 @@ pub struct LoadOptions {
     /// Components whose weights come from one file (`--weights NAME=FILE`: GGUF, original or
     /// ComfyUI keys, fp8_scaled) instead of the pipeline folder's checkpoint.
     pub single_files: BTreeMap<String, PathBuf>,
+    /// One file holding every component (an original Stable Diffusion checkpoint:
+    /// `from_single_file`), for the components not in `single_files`.
+    pub whole_file: Option<PathBuf>,
 }
 
 impl Default for LoadOptions {
@@ -56,6 +59,7 @@ impl Default for LoadOptions {
             storage: StoragePlan::default(),
             pin_memory: PinMemory::default(),
             single_files: BTreeMap::new(),
+            whole_file: None,
         }
     }
 }
@@ -193,6 +197,7 @@ impl PipelineBase {
                 let single = opts
                     .single_files
                     .get(s.name)
+                    .or(opts.whole_file.as_ref())
                     .map(|p| (p.as_path(), class.as_str()));
                 let c = Component::open(
                     root,

@@ -263,7 +263,8 @@ pub fn open_component_store(
     let store = match single_file {
         Some(p) => {
             let mut store = WeightStore::open_file(p)?;
-            layouts::prepare(&mut store, &class)?;
+            let config: Value = read_json(&root.join(name).join("config.json"))?;
+            layouts::prepare(&mut store, &class, &config)?;
             store
         }
         None => {
@@ -321,7 +322,8 @@ impl Component {
                     });
                 }
                 let mut store = WeightStore::open_file(path)?;
-                layouts::prepare(&mut store, class)?;
+                let config: Value = read_json(&dir.join("config.json"))?;
+                layouts::prepare(&mut store, class, &config)?;
                 store
             }
             None => WeightStore::open_component(&dir, stem, variant)?,

@@ -400,14 +400,21 @@ impl ManagedWeights {
     }
 
     /// File bytes of the largest weight converted as it is read: its read buffer and its
-    /// converted copy exist at once while it loads.
+    /// converted copy exist at once while it loads. For packed weights (GGUF blocks, scaled
+    /// fp8), the compute-dtype copy a layer dequantizes into while it runs.
     pub fn largest_read_buffer(&self) -> u64 {
+        let compute = self.dtype.size_in_bytes() as u64;
         lock(&self.declared)
             .iter()
             .filter(|s| !s.on_demand)
             .filter_map(|s| {
                 let t = self.store.get(&s.name)?;
-                (t.dtype != self.held(s).read_dtype()).then_some(t.nbytes())
+                let h = self.held(s);
+                if h.is_packed() {
+                    Some(s.shape.iter().product::<usize>() as u64 * compute)
+                } else {
+                    (t.dtype != h.read_dtype()).then_some(t.nbytes())
+                }
             })
             .max()
             .unwrap_or(0)

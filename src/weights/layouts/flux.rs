@@ -98,7 +98,7 @@ fn renamed(k: &str) -> String {
         .unwrap_or_else(|| k.to_string())
 }
 
-fn convert(store: &mut WeightStore) -> Result<()> {
+fn convert(store: &mut WeightStore, _config: &serde_json::Value) -> Result<()> {
     let inner = store
         .get("img_in.weight")
         .map(|t| t.shape[0])

@@ -7,6 +7,8 @@
 //! prefix and the "fp8_scaled" format (f8e4m3 weights with a per-tensor `scale_weight`).
 
 mod flux;
+mod ldm_unet;
+mod ldm_vae;
 mod wan;
 
 use std::collections::HashMap;
@@ -24,7 +26,7 @@ pub struct Layout {
     pub class: &'static str,
     /// Every one of these keys is present in a file of this layout.
     pub markers: &'static [&'static str],
-    pub convert: Option<fn(&mut WeightStore) -> Result<()>>,
+    pub convert: Option<fn(&mut WeightStore, &serde_json::Value) -> Result<()>>,
 }
 
 const LAYOUTS: &[Layout] = &[
@@ -32,11 +34,21 @@ const LAYOUTS: &[Layout] = &[
     flux::DIFFUSERS,
     wan::ORIGINAL,
     wan::DIFFUSERS,
+    ldm_vae::LDM,
+    ldm_unet::LDM,
     Layout {
-        what: "Stable Diffusion UNet (original LDM keys)",
-        class: "UNet2DConditionModel",
-        markers: &["input_blocks.0.0.weight", "out.2.weight"],
-        convert: None,
+        what: "OpenCLIP text encoder (SD 2.x original keys)",
+        class: "CLIPTextModel",
+        markers: &["cond_stage_model.model.token_embedding.weight"],
+        convert: Some(|store, _| {
+            Err(Error::WrongCheckpoint {
+                path: store.path().to_path_buf(),
+                reason: "the text encoder is in OpenCLIP's layout (an original SD 2.x \
+                         checkpoint), which lowtide does not convert yet: use the pipeline \
+                         folder's text_encoder (drop it from --weights)"
+                    .into(),
+            })
+        }),
     },
     Layout {
         what: "diffusers UNet",
@@ -92,13 +104,27 @@ pub fn detect(store: &WeightStore) -> Option<&'static Layout> {
 }
 
 /// Prefixes single files put before a component's own keys (ComfyUI's and the original
-/// checkpoints').
-const PREFIXES: [&str; 2] = ["model.diffusion_model.", "diffusion_model."];
+/// checkpoints', as diffusers' `LDM_*_KEY(S)`), by the component's class.
+fn prefixes(class: &str) -> &'static [&'static str] {
+    match class {
+        "AutoencoderKL" | "AutoencoderKLWan" | "AutoencoderKLQwenImage" => {
+            &["first_stage_model.", "vae."]
+        }
+        "CLIPTextModel" | "CLIPTextModelWithProjection" => &[
+            "cond_stage_model.transformer.",
+            "conditioner.embedders.0.transformer.",
+            "text_encoders.clip_l.transformer.",
+        ],
+        "T5EncoderModel" | "UMT5EncoderModel" => &["text_encoders.t5xxl.transformer."],
+        _ => &["model.diffusion_model.", "diffusion_model."],
+    }
+}
 
 /// Makes a single file's index speak diffusers' names for a component of class `class`: strips
-/// prefixes, unpacks fp8_scaled weights, checks the layout is for this class, converts it.
-pub fn prepare(store: &mut WeightStore, class: &str) -> Result<()> {
-    strip_prefixes(store);
+/// prefixes, unpacks fp8_scaled weights, checks the layout is for this class, converts it
+/// (with the component's `config.json`, for layouts numbered by it).
+pub fn prepare(store: &mut WeightStore, class: &str, config: &serde_json::Value) -> Result<()> {
+    strip_prefixes(store, prefixes(class));
     unscale_fp8(store)?;
     match detect(store) {
         Some(l) if !same_family(l.class, class) => Err(Error::WrongCheckpoint {
@@ -110,15 +136,15 @@ pub fn prepare(store: &mut WeightStore, class: &str) -> Result<()> {
         }),
         Some(Layout {
             convert: Some(f), ..
-        }) => f(store),
+        }) => f(store, config),
         _ => Ok(()),
     }
 }
 
 /// Keeps the keys under the first prefix present, without it: a whole ComfyUI checkpoint also
 /// holds the VAE and text encoders under other prefixes, which are not this component's.
-fn strip_prefixes(store: &mut WeightStore) {
-    for p in PREFIXES {
+fn strip_prefixes(store: &mut WeightStore, prefixes: &[&str]) {
+    for &p in prefixes {
         if store.names().any(|n| n.starts_with(p)) {
             let all = store.take_all();
             for (k, t) in all {

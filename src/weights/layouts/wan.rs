@@ -79,7 +79,7 @@ fn renamed(k: &str) -> String {
     k
 }
 
-fn convert(store: &mut WeightStore) -> Result<()> {
+fn convert(store: &mut WeightStore, _config: &serde_json::Value) -> Result<()> {
     rename(store, renamed);
     Ok(())
 }
