@@ -303,3 +303,313 @@ fn files_that_do_not_fit_are_refused() {
     );
     assert!(!tmp.path().join("o.gguf").exists());
 }
+
+// ---- against diffusers and ggml (references from tools/fixtures/make_checkpoint_fixtures.py) ----
+
+use candle_core::{DType, Device, Tensor};
+use lowtide::models::{
+    FluxInputs, FluxTransformer2DModel, FluxTransformerConfig, WanInputs, WanTransformer3DModel,
+    WanTransformerConfig,
+};
+use lowtide::pipelines::Component;
+
+/// Opens `component` of `root` with its weights from `file` (as `--weights` does).
+fn open_file_component(root: &Path, component: &str, file: &Path, class: &str) -> Component {
+    Component::open(
+        root,
+        component,
+        "diffusion_pytorch_model",
+        None,
+        Some((file, class)),
+        &Device::Cpu,
+        DType::F32,
+        std::sync::Arc::default(),
+    )
+    .unwrap_or_else(|e| panic!("{}: {e}", file.display()))
+}
+
+fn flux_from(root: &Path, component: &str, file: &Path) -> (Component, FluxTransformer2DModel) {
+    let c = open_file_component(root, component, file, "FluxTransformer2DModel");
+    let (m, _) = c
+        .build(|pp, cfg: &FluxTransformerConfig| FluxTransformer2DModel::new(pp, cfg))
+        .unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+    (c, m)
+}
+
+fn flux_out(m: &FluxTransformer2DModel, r: &std::collections::HashMap<String, Tensor>) -> Tensor {
+    m.forward(&FluxInputs {
+        hidden_states: &r["hidden_states"],
+        encoder_hidden_states: &r["encoder_hidden_states"],
+        pooled_projections: &r["pooled_projections"],
+        timestep: &r["timestep"],
+        guidance: r.get("guidance"),
+        img_ids: &r["img_ids"],
+        txt_ids: &r["txt_ids"],
+    })
+    .unwrap()
+}
+
+fn bits(t: &Tensor) -> Vec<u32> {
+    t.flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+        .into_iter()
+        .map(f32::to_bits)
+        .collect()
+}
+
+/// Every ggml type dequantizes random blocks exactly as ggml does (gguf-py's reference
+/// implementation of `dequantize_row_*`), bit for bit; and quantizes as ggml's reference
+/// quantizer where gguf-py has one.
+#[test]
+fn ggml_types_equal_the_reference_bit_for_bit() {
+    let r = load_refs_raw(refs("checkpoints").join("ggml_blocks.safetensors"));
+    let meta: Value = serde_json::from_str(
+        &std::fs::read_to_string(refs("checkpoints").join("ggml_blocks.json")).unwrap(),
+    )
+    .unwrap();
+    let types = meta["types"].as_object().unwrap();
+    assert_eq!(types.len(), 10, "every quantized type the issue names");
+    for name in types.keys() {
+        let t = ggml::parse(name).unwrap();
+        let raw: Vec<u8> = r[&format!("{name}.raw")].to_vec1::<u8>().unwrap();
+        let want = bits(&r[&format!("{name}.f32")]);
+        let mut got = vec![0f32; want.len()];
+        ggml::dequantize(t, &raw, &mut got).unwrap();
+        let got: Vec<u32> = got.into_iter().map(f32::to_bits).collect();
+        let bad = got.iter().zip(&want).filter(|(a, b)| a != b).count();
+        assert_eq!(
+            bad,
+            0,
+            "{name}: {bad} of {} values differ from ggml",
+            want.len()
+        );
+        if let Some(src) = r.get(&format!("{name}.src")) {
+            let src = src.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let q = ggml::quantize(t, &src).unwrap();
+            let want: Vec<u8> = r[&format!("{name}.quant")].to_vec1::<u8>().unwrap();
+            assert!(
+                q == want,
+                "{name}: quantized blocks differ from ggml's reference"
+            );
+        }
+    }
+}
+
+/// Reference tensors in their stored dtype (u8 blocks stay bytes).
+fn load_refs_raw(path: PathBuf) -> std::collections::HashMap<String, Tensor> {
+    candle_core::safetensors::load(&path, &Device::Cpu)
+        .unwrap()
+        .into_iter()
+        .map(|(k, v)| {
+            let v = if v.dtype() == DType::U8 {
+                v.flatten_all().unwrap()
+            } else {
+                v
+            };
+            (k, v)
+        })
+        .collect()
+}
+
+/// FLUX.1 single files in every layout against diffusers loading the same file: BFL keys in f32
+/// (bit-identical weights to the folder), ComfyUI's prefix in bf16, ComfyUI fp8_scaled, a GGUF
+/// of legacy types and a GGUF of K types.
+#[test]
+fn flux_single_files_match_diffusers() {
+    let root = model("tiny-flux-dev");
+    let inputs = load_refs(refs("tiny-flux-dev").join("transformer.safetensors"));
+    for (file, tol) in [
+        ("flux-dev-bfl.safetensors", 1e-4),
+        ("flux-dev-comfy.safetensors", 1e-4),
+        ("flux-dev-fp8-scaled.safetensors", 1e-4),
+        ("flux-dev-q.gguf", 1e-3),
+    ] {
+        let (_, m) = flux_from(&root, "transformer", &ckpt(file));
+        let r = load_refs(refs("checkpoints").join(file.replace(".gguf", ".safetensors")));
+        for k in ["hidden_states", "timestep"] {
+            assert_eq!(bits(&r[k]), bits(&inputs[k]), "{file}: inputs differ");
+        }
+        let e = rel_err(&flux_out(&m, &r), &r["output"]);
+        eprintln!("{file}: relative error {e:.3e}");
+        assert!(e <= tol, "{file}: relative error {e:.3e} > {tol:.0e}");
+    }
+    // K types, on a transformer wide enough for 256-value blocks.
+    let (_, m) = flux_from(&ckpt(""), "flux-k", &ckpt("flux-k-q.gguf"));
+    let r = load_refs(refs("checkpoints").join("flux-k-q.safetensors"));
+    let e = rel_err(&flux_out(&m, &r), &r["output"]);
+    eprintln!("flux-k-q.gguf: relative error {e:.3e}");
+    assert!(e <= 1e-3, "flux-k-q.gguf: relative error {e:.3e}");
+}
+
+/// The BFL file holds the folder's f32 weights: converted, the transformer's output is
+/// bit-identical to the folder's (the split q/k/v rows and swapped halves are exact).
+#[test]
+fn bfl_layout_converts_exactly() {
+    let root = model("tiny-flux-dev");
+    let inputs = load_refs(refs("tiny-flux-dev").join("transformer.safetensors"));
+    let (_, a) = flux_from(&root, "transformer", &ckpt("flux-dev-bfl.safetensors"));
+    let (_, b) = build_component(
+        "tiny-flux-dev",
+        "transformer",
+        |pp, cfg: &FluxTransformerConfig| FluxTransformer2DModel::new(pp, cfg),
+    );
+    assert_eq!(bits(&flux_out(&a, &inputs)), bits(&flux_out(&b, &inputs)));
+}
+
+/// GGUF weights dequantized by lowtide against what diffusers holds after dequantizing: diffusers
+/// computes in f16, ggml in f32, so they agree to an f16 rounding (and F32 tensors exactly).
+#[test]
+fn gguf_weights_match_diffusers_dequantized() {
+    for (root, component, file, class) in [
+        (
+            model("tiny-flux-dev"),
+            "transformer",
+            "flux-dev-q.gguf",
+            "FluxTransformer2DModel",
+        ),
+        (
+            ckpt(""),
+            "flux-k",
+            "flux-k-q.gguf",
+            "FluxTransformer2DModel",
+        ),
+        (
+            model("tiny-wan21"),
+            "transformer",
+            "wan21-q.gguf",
+            "WanTransformer3DModel",
+        ),
+    ] {
+        let c = open_file_component(&root, component, &ckpt(file), class);
+        let store = c.weights.store();
+        let want =
+            load_refs(refs("checkpoints").join(file.replace(".gguf", ".weights.safetensors")));
+        assert!(!want.is_empty());
+        for (name, w) in &want {
+            let shape = w.dims().to_vec();
+            let got = store.load(name, &shape, DType::F32, &Device::Cpu).unwrap();
+            let quantized = store.get(name).unwrap().is_packed();
+            let d = (&got - w)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap();
+            let d = d.to_scalar::<f32>().unwrap();
+            let m = w
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            if quantized {
+                assert!(
+                    d <= m * 2e-3 + 1e-6,
+                    "{file} {name}: max diff {d} (max |w| {m})"
+                );
+            } else {
+                assert_eq!(d, 0.0, "{file} {name}: plain tensor differs");
+            }
+        }
+    }
+}
+
+fn wan_from(file: &Path) -> WanTransformer3DModel {
+    let c = open_file_component(
+        &model("tiny-wan21"),
+        "transformer",
+        file,
+        "WanTransformer3DModel",
+    );
+    c.build(|pp, cfg: &WanTransformerConfig| WanTransformer3DModel::new(pp, cfg))
+        .unwrap_or_else(|e| panic!("{}: {e}", file.display()))
+        .0
+}
+
+/// Wan 2.1 in the original layout (ComfyUI repack) and as a GGUF with the 5-D patch embedding,
+/// against diffusers loading the same files.
+#[test]
+fn wan_single_files_match_diffusers() {
+    for (file, tol) in [("wan21-comfy.safetensors", 1e-4), ("wan21-q.gguf", 1e-3)] {
+        let m = wan_from(&ckpt(file));
+        let r = load_refs(refs("checkpoints").join(file.replace(".gguf", ".safetensors")));
+        let out = m
+            .forward(&WanInputs {
+                hidden_states: &r["hidden_states"],
+                timestep: &r["timestep"],
+                encoder_hidden_states: &r["encoder_hidden_states"],
+            })
+            .unwrap();
+        let e = rel_err(&out, &r["output"]);
+        eprintln!("{file}: relative error {e:.3e}");
+        assert!(e <= tol, "{file}: relative error {e:.3e} > {tol:.0e}");
+    }
+}
+
+/// An original Stable Diffusion checkpoint (UNet, VAE and CLIP in LDM keys in one file) with
+/// `--config` runs bit-identical to the diffusers folder it was made from; so does the folder
+/// with an original standalone VAE file.
+#[test]
+fn original_sd_checkpoint_equals_the_folder() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = [
+        "--prompt", PROMPT, "--steps", "2", "--width", "32", "--height", "32",
+    ];
+    let (folder, _) = run(tmp.path(), "folder", "tiny-sd15", &base, &[]);
+    let whole = ckpt("sd15-original.safetensors");
+    let t = tmp.path().join("whole.safetensors");
+    let mut args = vec!["generate", "--model", s(&whole)];
+    let cfg = model("tiny-sd15");
+    args.extend_from_slice(&["--config", s(&cfg)]);
+    args.extend_from_slice(&base);
+    let png = tmp.path().join("whole.png");
+    args.extend_from_slice(&["--out", s(&png), "--save-tensors", s(&t)]);
+    ok(&args);
+    assert!(
+        std::fs::read(&t).unwrap() == folder,
+        "whole-file SD differs from the folder"
+    );
+    let vae = format!("vae={}", s(&ckpt("sd15-original-vae.safetensors")));
+    let (with_vae, _) = run(tmp.path(), "vae", "tiny-sd15", &base, &["--weights", &vae]);
+    assert!(
+        with_vae == folder,
+        "original VAE file differs from the folder"
+    );
+    // A single file needs the pipeline it belongs to.
+    fails(
+        &[
+            "generate",
+            "--model",
+            s(&whole),
+            "--prompt",
+            "x",
+            "--out",
+            s(&png),
+        ],
+        &["--config"],
+    );
+    // A UNet file given for the VAE.
+    let unet = format!("vae={}", s(&whole));
+    let err = lowtide(&[
+        "generate",
+        "--model",
+        s(&cfg),
+        "--prompt",
+        "x",
+        "--weights",
+        &unet,
+        "--out",
+        s(&png),
+    ]);
+    assert!(
+        err.status.success(),
+        "a whole checkpoint for --weights vae keeps only the VAE's keys"
+    );
+}

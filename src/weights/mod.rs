@@ -9,6 +9,7 @@
 //! file truncated before a tensor is loaded is a clean error either way.
 
 pub mod ggml;
+pub mod gguf;
 pub mod layouts;
 pub mod mapped;
 pub mod quantize;

@@ -1,6 +1,6 @@
 //! `lowtide quantize`: a component's weights written as a GGUF file, tensor by tensor (one
 //! tensor in memory at a time). The rules are those of the usual converters (city96's
-//! ComfyUI-GGUF `convert.py` with llama.cpp's quantizer): 1-D tensors, norms and small tensors
+//! ComfyUI-GGUF `convert.py` with llama.cpp's quantizer): 1-D tensors (norms, biases) and small tensors
 //! stay F32; tensors whose rows are not whole blocks of the type, and convolution kernels, are
 //! written F16; the rest in the requested type. Names are diffusers' (lowtide reads them back
 //! as they are); `general.architecture` is the name ComfyUI-GGUF uses for the model.
@@ -22,10 +22,12 @@ pub const SMALL: usize = 1024;
 const ALIGN: usize = 32;
 
 /// The type a tensor is written in when `target` is asked for.
-pub fn type_for(name: &str, shape: &[usize], target: GgmlDType) -> GgmlDType {
+pub fn type_for(_name: &str, shape: &[usize], target: GgmlDType) -> GgmlDType {
     let n: usize = shape.iter().product();
     let last = shape.last().copied().unwrap_or(1);
-    if shape.len() <= 1 || n < SMALL || name.contains("norm") {
+    // Norm scales are 1-D; AdaLN modulation linears (`norm1.linear`) are big matrices and
+    // quantized like any other, as the converters do.
+    if shape.len() <= 1 || n < SMALL {
         return GgmlDType::F32;
     }
     if !ggml::is_quantized(target) {
@@ -197,7 +199,8 @@ mod tests {
     fn converters_rules() {
         let q = GgmlDType::Q4K;
         assert_eq!(type_for("a.bias", &[3072], q), GgmlDType::F32);
-        assert_eq!(type_for("x.norm.weight", &[64, 64], q), GgmlDType::F32);
+        assert_eq!(type_for("x.norm.weight", &[64], q), GgmlDType::F32);
+        assert_eq!(type_for("norm1.linear.weight", &[18432, 3072], q), q);
         assert_eq!(type_for("small.weight", &[16, 32], q), GgmlDType::F32);
         assert_eq!(type_for("ff.weight", &[3072, 3072], q), q);
         assert_eq!(type_for("ff.weight", &[3072, 48], q), GgmlDType::F16);

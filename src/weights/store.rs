@@ -45,19 +45,17 @@ impl StoredTensor {
         self.encoding != Encoding::Plain
     }
 
-    /// Bytes of one row (the last dimension), in this encoding.
-    fn row_bytes(&self) -> u64 {
-        let row = *self.shape.last().unwrap_or(&1);
+    /// Bytes of `n` values (whole ggml blocks), in this encoding.
+    fn bytes_of(&self, n: usize) -> u64 {
         match self.encoding {
-            Encoding::Ggml(t) => ggml::bytes_for(t, row) as u64,
-            _ => (row * self.dtype.size_in_bytes()) as u64,
+            Encoding::Ggml(t) => ggml::bytes_for(t, n) as u64,
+            _ => (n * self.dtype.size_in_bytes()) as u64,
         }
     }
 
     /// Rows `r0..r1` of the first dimension (a part of a fused tensor), as a tensor of its own.
     pub fn rows(&self, r0: usize, r1: usize) -> Option<StoredTensor> {
-        let inner: usize = self.shape.iter().skip(1).product();
-        let per_row = self.row_bytes() * (inner / self.shape.last().copied().unwrap_or(1)) as u64;
+        let per_row = self.bytes_of(self.shape.iter().skip(1).product());
         if r1 > *self.shape.first()? || r0 >= r1 || self.segments.len() != 1 {
             return None;
         }
@@ -336,49 +334,22 @@ impl WeightStore {
     /// tensors of more than 4 dimensions, which ggml cannot hold, take the shape ComfyUI-GGUF's
     /// converter records in `comfy.gguf.orig_shape.<name>`.
     pub fn open_gguf(path: &Path) -> Result<Self> {
-        use candle_core::quantized::gguf_file::{Content, Value};
+        use super::gguf::{read_header, Meta};
         let corrupt = |reason: String| Error::CorruptGguf {
             path: path.to_path_buf(),
             reason,
         };
         let file = File::open(path).map_err(|e| Error::io(path, e))?;
         let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
-        let mut reader = std::io::BufReader::new(&file);
-        let content = Content::read(&mut reader).map_err(|e| {
-            let e = e.to_string();
-            if e.contains("unknown dtype") {
-                corrupt(format!(
-                    "{e}: a ggml type lowtide does not read (it reads F32, F16, BF16, Q8_0, \
-                     Q4_0, Q4_1, Q5_0, Q5_1 and Q2_K..Q6_K)"
-                ))
-            } else {
-                corrupt(e)
-            }
-        })?;
-        drop(reader);
-        let architecture = match content.metadata.get("general.architecture") {
-            Some(Value::String(s)) => Some(s.clone()),
+        let header = read_header(path, &file)?;
+        let architecture = match header.metadata.get("general.architecture") {
+            Some(Meta::Str(s)) => Some(s.clone()),
             _ => None,
         };
-        let orig_shape = |name: &str| -> Option<Vec<usize>> {
-            let Some(Value::Array(v)) = content
-                .metadata
-                .get(&format!("comfy.gguf.orig_shape.{name}"))
-            else {
-                return None;
-            };
-            v.iter()
-                .map(|x| match x {
-                    Value::I32(i) => usize::try_from(*i).ok(),
-                    Value::I64(i) => usize::try_from(*i).ok(),
-                    other => other.to_u64().ok().map(|u| u as usize),
-                })
-                .collect()
-        };
         let mut tensors = HashMap::new();
-        for (name, info) in &content.tensor_infos {
-            let g = info.ggml_dtype;
-            let mut shape = info.shape.dims().to_vec();
+        for (name, info) in &header.tensors {
+            let g = info.dtype;
+            let mut shape = info.shape.clone();
             let n: usize = shape.iter().product();
             if n % g.block_size() != 0 {
                 return Err(corrupt(format!(
@@ -386,12 +357,16 @@ impl WeightStore {
                     ggml::name(g)
                 )));
             }
-            if let Some(s) = orig_shape(name) {
+            if let Some(Meta::Ints(s)) = header
+                .metadata
+                .get(&format!("comfy.gguf.orig_shape.{name}"))
+            {
+                let s: Vec<usize> = s.iter().map(|&d| d.max(0) as usize).collect();
                 if s.iter().product::<usize>() == n {
                     shape = s;
                 }
             }
-            let start = content.tensor_data_offset + info.offset;
+            let start = header.data_start + info.offset;
             let end = start + ggml::bytes_for(g, n) as u64;
             if end > len {
                 return Err(corrupt(format!(
