@@ -31,6 +31,7 @@ fn main() {
         "transformer",
         "diffusion_pytorch_model",
         None,
+        None,
         &dev,
         DType::F32,
         Default::default(),

@@ -81,16 +81,19 @@ fn run(dir: &Path, tag: &str, pipeline: &str, base: &[&str], extra: &[&str]) -> 
     (std::fs::read(&t).unwrap(), report)
 }
 
-/// Bytes of every tensor of a weight file as held in an f32 run: ggml blocks as stored, plain
-/// F32/F16 tensors in f32 (as from any file without `--storage-dtype`).
-fn held_bytes(path: &Path) -> u64 {
-    let st = WeightStore::open_file(path).unwrap();
+/// Bytes of every tensor of a transformer file as held in an f32 run: ggml blocks and scaled
+/// fp8 as stored, plain F32/F16/BF16 tensors in f32 (as from any file without
+/// `--storage-dtype`).
+fn held_bytes(path: &Path, class: &str) -> u64 {
+    let mut st = WeightStore::open_file(path).unwrap();
+    lowtide::weights::layouts::prepare(&mut st, class, &serde_json::json!({})).unwrap();
     st.names()
         .map(|n| {
             let t = st.get(n).unwrap();
             match t.encoding {
                 Encoding::Ggml(_) => t.nbytes(),
-                _ => 4 * t.shape.iter().product::<usize>() as u64,
+                Encoding::ScaledFp8 { .. } => t.shape.iter().product::<usize>() as u64,
+                Encoding::Plain => 4 * t.shape.iter().product::<usize>() as u64,
             }
         })
         .sum()
@@ -135,8 +138,12 @@ fn quantized_weights_under_every_strategy_equal_none() {
         ("tiny-flux-dev", FLUX_ARGS, "q8_0"),
         ("tiny-flux-dev", FLUX_ARGS, "q4_0"),
         ("tiny-wan21", WAN_ARGS, "q5_1"),
+        ("tiny-flux-dev", FLUX_ARGS, "fp8-scaled"),
     ] {
-        let g = quantize(tmp.path(), pipeline, "transformer", t);
+        let g = match t {
+            "fp8-scaled" => ckpt("flux-dev-fp8-scaled.safetensors"),
+            _ => quantize(tmp.path(), pipeline, "transformer", t),
+        };
         let w = format!("transformer={}", s(&g));
         let (f32_out, _) = run(tmp.path(), &format!("{pipeline}-f32"), pipeline, base, &[]);
         let (none, rep) = run(
@@ -155,7 +162,14 @@ fn quantized_weights_under_every_strategy_equal_none() {
             .unwrap();
         assert_eq!(
             peak,
-            held_bytes(&g),
+            held_bytes(
+                &g,
+                if pipeline.contains("wan") {
+                    "WanTransformer3DModel"
+                } else {
+                    "FluxTransformer2DModel"
+                }
+            ),
             "{pipeline} {t}: resident transformer bytes are not the file's blocks"
         );
         for strategy in ["model", "group", "sequential"] {

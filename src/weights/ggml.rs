@@ -75,7 +75,7 @@ fn dequant_blocks<T: GgmlType>(bytes: &[u8], out: &mut [f32]) {
     let bs = T::BLCK_SIZE;
     let run = |src: &[u8], dst: &mut [f32]| {
         let n = src.len() / size;
-        if (src.as_ptr() as usize) % std::mem::align_of::<T>() == 0 {
+        if (src.as_ptr() as usize).is_multiple_of(std::mem::align_of::<T>()) {
             // SAFETY: `T` is one of ggml's `#[repr(C)]` block structs of plain integer and f16
             // fields, for which every bit pattern is valid; the pointer is aligned (checked) and
             // the slice covers `n * size` bytes of `src`.
@@ -103,7 +103,7 @@ fn dequant_blocks<T: GgmlType>(bytes: &[u8], out: &mut [f32]) {
 /// Dequantizes `bytes` (whole blocks of type `t`) into `out`, as ggml's `dequantize_row_*` does.
 pub fn dequantize(t: GgmlDType, bytes: &[u8], out: &mut [f32]) -> Result<()> {
     let expected = bytes_for(t, out.len());
-    if out.len() % t.block_size() != 0 || bytes.len() != expected {
+    if !out.len().is_multiple_of(t.block_size()) || bytes.len() != expected {
         return Err(Error::InvalidArgument(format!(
             "{} bytes of {} cannot hold {} values (expected {expected} bytes)",
             bytes.len(),
@@ -148,7 +148,7 @@ fn quant_blocks<T: GgmlType>(src: &[f32]) -> Vec<u8> {
 /// Quantizes `src` (a multiple of the block size) into blocks of type `t`, with ggml's
 /// reference `quantize_row_*` rules as candle ports them.
 pub fn quantize(t: GgmlDType, src: &[f32]) -> Result<Vec<u8>> {
-    if src.len() % t.block_size() != 0 {
+    if !src.len().is_multiple_of(t.block_size()) {
         return Err(Error::InvalidArgument(format!(
             "{} values are not whole {} blocks of {}",
             src.len(),

@@ -351,7 +351,7 @@ impl WeightStore {
             let g = info.dtype;
             let mut shape = info.shape.clone();
             let n: usize = shape.iter().product();
-            if n % g.block_size() != 0 {
+            if !n.is_multiple_of(g.block_size()) {
                 return Err(corrupt(format!(
                     "tensor `{name}` has {n} values, not whole {} blocks",
                     ggml::name(g)
@@ -505,15 +505,17 @@ impl WeightStore {
     /// tensor of its blocks, or its fp8 elements in its shape.
     pub fn load_packed(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
         let t = self.check(name, shape)?;
-        let mut buf = vec![0u8; t.nbytes() as usize];
-        advise_huge_pages(&mut buf);
-        self.read_into(name, t, &mut buf)?;
+        let n = t.nbytes() as usize;
+        let read = |buf: &mut [u8]| self.read_into(name, t, buf);
         Ok(match t.encoding {
+            // Blocks are used as stored: mapped from the file like an f32 tensor, no copy.
             Encoding::Ggml(_) => {
-                let n = buf.len();
-                Tensor::from_vec(buf, n, &Device::Cpu)?
+                Tensor::from_vec(self.mapped_or_read::<u8>(t, n, &read)?, n, &Device::Cpu)?
             }
-            _ => Tensor::from_raw_buffer(&buf, t.dtype, &t.shape, &Device::Cpu)?,
+            _ => {
+                let buf = read_typed::<u8>(n, &read)?;
+                Tensor::from_raw_buffer(&buf, t.dtype, &t.shape, &Device::Cpu)?
+            }
         })
     }
 

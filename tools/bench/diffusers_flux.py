@@ -50,13 +50,21 @@ def main():
     ap.add_argument("--offload", default="none", choices=["none", "model", "sequential", "group"])
     ap.add_argument("--out", default="diffusers_flux.png")
     ap.add_argument("--offload-to-disk", default=None, help="group offload: offload_to_disk_path")
+    ap.add_argument("--gguf", default=None,
+                    help="the transformer from this GGUF file (GGUFQuantizationConfig, computed in --dtype)")
     a = ap.parse_args()
     device = torch.device(a.device)
     dtype = torch.float32 if a.dtype == "fp32" else torch.bfloat16
 
     def load():
         t0 = time.perf_counter()
-        pipe = FluxPipeline.from_pretrained(a.model, torch_dtype=dtype)
+        extra = {}
+        if a.gguf:
+            from diffusers import FluxTransformer2DModel, GGUFQuantizationConfig
+            extra["transformer"] = FluxTransformer2DModel.from_single_file(
+                a.gguf, quantization_config=GGUFQuantizationConfig(compute_dtype=dtype), config=a.model,
+                subfolder="transformer", torch_dtype=dtype)
+        pipe = FluxPipeline.from_pretrained(a.model, torch_dtype=dtype, **extra)
         print(f"load: {time.perf_counter() - t0:.2f} s")
         return pipe
 

@@ -103,6 +103,17 @@ pub fn detect(store: &WeightStore) -> Option<&'static Layout> {
         .find(|l| l.markers.iter().all(|m| store.get(m).is_some()))
 }
 
+/// The model width a layout's first marker shows (a linear's in-features, a conv's output
+/// channels): what tells a Wan 1.3B (1536) from a 14B (5120) file.
+fn width(store: &WeightStore, l: &Layout) -> Option<usize> {
+    let t = store.get(l.markers.first()?)?;
+    match t.shape.as_slice() {
+        [_, w] => Some(*w),
+        [c, ..] => Some(*c),
+        _ => None,
+    }
+}
+
 /// Prefixes single files put before a component's own keys (ComfyUI's and the original
 /// checkpoints', as diffusers' `LDM_*_KEY(S)`), by the component's class.
 fn prefixes(class: &str) -> &'static [&'static str] {
@@ -130,8 +141,10 @@ pub fn prepare(store: &mut WeightStore, class: &str, config: &serde_json::Value)
         Some(l) if !same_family(l.class, class) => Err(Error::WrongCheckpoint {
             path: store.path().to_path_buf(),
             reason: format!(
-                "this looks like a {} (a {}); the pipeline's component is a {class}",
-                l.what, l.class
+                "this looks like a {}{} (a {}); the pipeline's component is a {class}",
+                l.what,
+                width(store, l).map_or(String::new(), |w| format!(" of width {w}")),
+                l.class
             ),
         }),
         Some(Layout {
