@@ -419,10 +419,15 @@ fn errors_name_the_file_or_flag() {
         ],
         &["raise --strength or --steps"],
     );
-    // `--model` given a file.
+    // `--model` given a file without --config (the pipeline it belongs to).
     let file = tmp.path().join("somefile");
     std::fs::write(&file, b"x").unwrap();
-    quick_fails(&file, &out, &[], &["somefile", "is a file"]);
+    quick_fails(
+        &file,
+        &out,
+        &[],
+        &["somefile", "is a single file", "--config"],
+    );
 }
 
 #[test]
