@@ -281,6 +281,15 @@ fn files_that_do_not_fit_are_refused() {
             "config.json",
         ],
     );
+    // Another size of the same family: the 256-wide FLUX for the 32-wide pipeline.
+    call(
+        gen(&flux, &with(&ckpt("flux-k-q.gguf"))),
+        &[
+            "does not fit this pipeline",
+            "has shape",
+            "another size or version",
+        ],
+    );
     // Truncated.
     let bytes = std::fs::read(&dev).unwrap();
     let cut = tmp.path().join("cut.gguf");
@@ -567,8 +576,8 @@ fn wan_single_files_match_diffusers() {
     }
 }
 
-/// An original Stable Diffusion checkpoint (UNet, VAE and CLIP in LDM keys in one file) with
-/// `--config` runs bit-identical to the diffusers folder it was made from; so does the folder
+/// Original Stable Diffusion checkpoints (UNet, VAE and CLIP or OpenCLIP in LDM keys in one
+/// file; SD 1.x and 2.x) with `--config` run bit-identical to the diffusers folder it was made from; so does the folder
 /// with an original standalone VAE file.
 #[test]
 fn original_sd_checkpoint_equals_the_folder() {
@@ -576,6 +585,20 @@ fn original_sd_checkpoint_equals_the_folder() {
     let base = [
         "--prompt", PROMPT, "--steps", "2", "--width", "32", "--height", "32",
     ];
+    // SD 2.x: its text encoder in OpenCLIP's layout, with the extra resblock real files carry.
+    let (sd2, _) = run(tmp.path(), "folder2", "tiny-sd2", &base, &[]);
+    let whole2 = ckpt("sd2-original.safetensors");
+    let t2 = tmp.path().join("whole2.safetensors");
+    let cfg2 = model("tiny-sd2");
+    let png2 = tmp.path().join("whole2.png");
+    let mut args = vec!["generate", "--model", s(&whole2), "--config", s(&cfg2)];
+    args.extend_from_slice(&base);
+    args.extend_from_slice(&["--out", s(&png2), "--save-tensors", s(&t2)]);
+    ok(&args);
+    assert!(
+        std::fs::read(&t2).unwrap() == sd2,
+        "whole-file SD 2.x differs from the folder"
+    );
     let (folder, _) = run(tmp.path(), "folder", "tiny-sd15", &base, &[]);
     let whole = ckpt("sd15-original.safetensors");
     let t = tmp.path().join("whole.safetensors");
@@ -626,4 +649,100 @@ fn original_sd_checkpoint_equals_the_folder() {
         err.status.success(),
         "a whole checkpoint for --weights vae keeps only the VAE's keys"
     );
+}
+
+/// The same weights under BFL keys, with ComfyUI's prefix, and in diffusers' keys (the folder)
+/// give bit-identical transformer outputs.
+#[test]
+fn key_layouts_of_the_same_weights_agree() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bfl =
+        candle_core::safetensors::load(ckpt("flux-dev-bfl.safetensors"), &Device::Cpu).unwrap();
+    let prefixed: std::collections::HashMap<String, Tensor> = bfl
+        .into_iter()
+        .map(|(k, v)| (format!("model.diffusion_model.{k}"), v))
+        .collect();
+    let comfy = tmp.path().join("comfy-f32.safetensors");
+    candle_core::safetensors::save(&prefixed, &comfy).unwrap();
+    let root = model("tiny-flux-dev");
+    let inputs = load_refs(refs("tiny-flux-dev").join("transformer.safetensors"));
+    let (_, folder) = build_component(
+        "tiny-flux-dev",
+        "transformer",
+        |pp, cfg: &FluxTransformerConfig| FluxTransformer2DModel::new(pp, cfg),
+    );
+    let want = bits(&flux_out(&folder, &inputs));
+    for f in [ckpt("flux-dev-bfl.safetensors"), comfy] {
+        let (_, m) = flux_from(&root, "transformer", &f);
+        assert_eq!(bits(&flux_out(&m, &inputs)), want, "{}", f.display());
+    }
+}
+
+/// `lowtide quantize`'s files reload and dequantize within each type's error bound, for every
+/// type it writes: the 256-wide FLUX's shapes (rows of whole K blocks) filled with uniform values
+/// in [-1, 1), quantized, reopened and dequantized; the bounds are about 1.5x each type's
+/// worst error on such data.
+#[test]
+fn quantized_files_reload_within_each_types_bound() {
+    let tmp = tempfile::tempdir().unwrap();
+    let shapes = WeightStore::open_file(&ckpt("flux-k-q.gguf")).unwrap();
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let mut uniform = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        (x % 20000) as f32 / 10000.0 - 1.0
+    };
+    let tensors: std::collections::HashMap<String, Tensor> = shapes
+        .names()
+        .map(|n| {
+            let shape = shapes.get(n).unwrap().shape.clone();
+            let v: Vec<f32> = (0..shape.iter().product::<usize>())
+                .map(|_| uniform())
+                .collect();
+            (n.clone(), Tensor::from_vec(v, shape, &Device::Cpu).unwrap())
+        })
+        .collect();
+    let f32_file = tmp.path().join("src.safetensors");
+    candle_core::safetensors::save(&tensors, &f32_file).unwrap();
+    let src = WeightStore::open_file(&f32_file).unwrap();
+    for (t, bound) in [
+        (GgmlDType::Q8_0, 0.007),
+        (GgmlDType::Q6K, 0.05),
+        (GgmlDType::Q5K, 0.075),
+        (GgmlDType::Q5_0, 0.095),
+        (GgmlDType::Q5_1, 0.05),
+        (GgmlDType::Q4K, 0.13),
+        (GgmlDType::Q4_0, 0.19),
+        (GgmlDType::Q4_1, 0.1),
+        (GgmlDType::Q3K, 0.41),
+        (GgmlDType::Q2K, 0.7),
+        (GgmlDType::F16, 3e-4),
+    ] {
+        let out = tmp.path().join(format!("{}.gguf", ggml::name(t)));
+        let summary =
+            lowtide::weights::quantize::write_gguf(&src, t, "flux", &out, |_, _| {}).unwrap();
+        assert!(
+            summary.per_type.contains_key(ggml::name(t)),
+            "{}: nothing in that type",
+            ggml::name(t)
+        );
+        let back = WeightStore::open_file(&out).unwrap();
+        assert_eq!(back.architecture.as_deref(), Some("flux"));
+        for n in src.names() {
+            let shape = src.get(n).unwrap().shape.clone();
+            let a = src.load(n, &shape, DType::F32, &Device::Cpu).unwrap();
+            let b = back.load(n, &shape, DType::F32, &Device::Cpu).unwrap();
+            let d = (&a - &b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap();
+            let d = d.to_scalar::<f32>().unwrap();
+            assert!(d <= bound, "{} {n}: error {d} > {bound}", ggml::name(t));
+        }
+    }
 }

@@ -211,3 +211,68 @@ fn flux_config_files_never_panic() {
         32,
     );
 }
+
+/// GGUF files damaged anywhere in their header (or truncated) open, convert and dequantize, or
+/// fail with an error; never a panic.
+#[test]
+fn gguf_files_never_panic() {
+    let src = std::fs::read(fixtures().join("checkpoints/flux-dev-q.gguf")).unwrap();
+    // The header: everything before the first tensor's data (the file is mostly data).
+    let header = src.len() - 64 * 1024;
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("f.gguf");
+    let mut rng = Rng(0x6767_7566);
+    let mut opened_any = 0;
+    for case in 0..300 {
+        let mut b = src.clone();
+        match rng.below(4) {
+            0 | 1 => {
+                for _ in 0..1 + rng.below(4) {
+                    let i = rng.below(header.min(b.len()));
+                    b[i] = rng.next() as u8;
+                }
+            }
+            // A random 8-byte count, length, dimension or offset.
+            2 => {
+                let i = rng.below(header - 8);
+                let v = match rng.below(3) {
+                    0 => rng.next(),
+                    1 => rng.below(1 << 20) as u64,
+                    _ => u64::MAX - rng.below(16) as u64,
+                };
+                b[i..i + 8].copy_from_slice(&v.to_le_bytes());
+            }
+            _ => b.truncate(rng.below(b.len())),
+        }
+        std::fs::write(&path, &b).unwrap();
+        let opened = no_panic(&format!("gguf case {case}"), || {
+            WeightStore::open_file(&path)
+        });
+        if let Ok(mut store) = opened {
+            opened_any += 1;
+            let prepared = no_panic(&format!("convert case {case}"), || {
+                lowtide::weights::layouts::prepare(
+                    &mut store,
+                    "FluxTransformer2DModel",
+                    &serde_json::json!({}),
+                )
+            });
+            if prepared.is_err() {
+                continue;
+            }
+            let names: Vec<String> = store.names().cloned().collect();
+            for n in names.iter().take(12) {
+                let shape = store.get(n).unwrap().shape.clone();
+                no_panic(&format!("dequantize {n} in case {case}"), || {
+                    let _ = store.load(
+                        n,
+                        &shape,
+                        candle_core::DType::F32,
+                        &candle_core::Device::Cpu,
+                    );
+                });
+            }
+        }
+    }
+    assert!(opened_any > 0);
+}

@@ -350,7 +350,14 @@ impl WeightStore {
         for (name, info) in &header.tensors {
             let g = info.dtype;
             let mut shape = info.shape.clone();
-            let n: usize = shape.iter().product();
+            // Checked: a damaged header can claim any dimensions.
+            let n = checked_elems(&shape)
+                .filter(|&n| (n as u64) <= len.saturating_mul(8))
+                .ok_or_else(|| {
+                    corrupt(format!(
+                        "tensor `{name}` claims dimensions {shape:?}, more than the file holds"
+                    ))
+                })?;
             if !n.is_multiple_of(g.block_size()) {
                 return Err(corrupt(format!(
                     "tensor `{name}` has {n} values, not whole {} blocks",
@@ -362,12 +369,12 @@ impl WeightStore {
                 .get(&format!("comfy.gguf.orig_shape.{name}"))
             {
                 let s: Vec<usize> = s.iter().map(|&d| d.max(0) as usize).collect();
-                if s.iter().product::<usize>() == n {
+                if checked_elems(&s) == Some(n) {
                     shape = s;
                 }
             }
-            let start = header.data_start + info.offset;
-            let end = start + ggml::bytes_for(g, n) as u64;
+            let start = header.data_start.saturating_add(info.offset);
+            let end = start.saturating_add(ggml::bytes_for(g, n) as u64);
             if end > len {
                 return Err(corrupt(format!(
                     "tensor `{name}` ends at byte {end} but the file has {len}: truncated \
@@ -621,6 +628,11 @@ impl WeightStore {
         }
         Ok(())
     }
+}
+
+/// The element count of `shape`, if it fits a `usize`.
+fn checked_elems(shape: &[usize]) -> Option<usize> {
+    shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d))
 }
 
 /// A packed tensor's values: ggml blocks (a 1-D U8 tensor, on any device) dequantized on the CPU

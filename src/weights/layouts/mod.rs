@@ -9,6 +9,7 @@
 mod flux;
 mod ldm_unet;
 mod ldm_vae;
+mod open_clip;
 mod wan;
 
 use std::collections::HashMap;
@@ -36,20 +37,7 @@ const LAYOUTS: &[Layout] = &[
     wan::DIFFUSERS,
     ldm_vae::LDM,
     ldm_unet::LDM,
-    Layout {
-        what: "OpenCLIP text encoder (SD 2.x original keys)",
-        class: "CLIPTextModel",
-        markers: &["cond_stage_model.model.token_embedding.weight"],
-        convert: Some(|store, _| {
-            Err(Error::WrongCheckpoint {
-                path: store.path().to_path_buf(),
-                reason: "the text encoder is in OpenCLIP's layout (an original SD 2.x \
-                         checkpoint), which lowtide does not convert yet: use the pipeline \
-                         folder's text_encoder (drop it from --weights)"
-                    .into(),
-            })
-        }),
-    },
+    open_clip::OPEN_CLIP,
     Layout {
         what: "diffusers UNet",
         class: "UNet2DConditionModel",
@@ -123,6 +111,7 @@ fn prefixes(class: &str) -> &'static [&'static str] {
         }
         "CLIPTextModel" | "CLIPTextModelWithProjection" => &[
             "cond_stage_model.transformer.",
+            "cond_stage_model.model.",
             "conditioner.embedders.0.transformer.",
             "text_encoders.clip_l.transformer.",
         ],
