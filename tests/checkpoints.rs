@@ -372,16 +372,6 @@ fn flux_out(m: &FluxTransformer2DModel, r: &std::collections::HashMap<String, Te
     .unwrap()
 }
 
-fn bits(t: &Tensor) -> Vec<u32> {
-    t.flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap()
-        .into_iter()
-        .map(f32::to_bits)
-        .collect()
-}
-
 /// Every ggml type dequantizes random blocks exactly as ggml does (gguf-py's reference
 /// implementation of `dequantize_row_*`), bit for bit; and quantizes as ggml's reference
 /// quantizer where gguf-py has one.

@@ -6,7 +6,6 @@ mod common;
 
 use std::collections::BTreeMap;
 
-use candle_core::Tensor;
 use common::*;
 use lowtide::pipelines::{
     DeviceMapSpec, GenerateOutput, GenerateRequest, LoadOptions, OffloadPlan, StableDiffusion,
@@ -40,16 +39,6 @@ fn request(name: &str) -> GenerateRequest {
 fn load(name: &str) -> StableDiffusion {
     lowtide::weights::mapped::lower_threshold(0);
     StableDiffusion::load(&model(name), LoadOptions::default()).unwrap()
-}
-
-fn bits(t: &Tensor) -> Vec<u32> {
-    t.flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap()
-        .into_iter()
-        .map(f32::to_bits)
-        .collect()
 }
 
 #[track_caller]

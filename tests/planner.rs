@@ -496,18 +496,6 @@ mod library {
             .clone()
     }
 
-    fn bits(t: &candle_core::Tensor) -> Vec<u32> {
-        t.flatten_all()
-            .unwrap()
-            .to_dtype(candle_core::DType::F32)
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap()
-            .into_iter()
-            .map(f32::to_bits)
-            .collect()
-    }
-
     #[test]
     fn budgets_force_each_kind_of_plan_in_every_family() {
         for (name, denoiser, _) in FAMILIES {

@@ -84,16 +84,6 @@ fn seeded_noise_is_torchs() {
     check("tiny-wan21", "cfg", &out);
 }
 
-fn bits(t: &Tensor) -> Vec<u32> {
-    t.flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap()
-        .iter()
-        .map(|v| v.to_bits())
-        .collect()
-}
-
 #[test]
 fn offload_and_decode_chunks_are_bit_identical() {
     let name = "tiny-wan22-a14b";

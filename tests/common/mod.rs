@@ -54,6 +54,19 @@ pub fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
     diff / mag
 }
 
+/// The tensor's values as f32 bit patterns: for bit-identity checks.
+pub fn bits(t: &Tensor) -> Vec<u32> {
+    t.flatten_all()
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+        .into_iter()
+        .map(f32::to_bits)
+        .collect()
+}
+
 #[track_caller]
 pub fn assert_close(what: &str, a: &Tensor, b: &Tensor, rel: f32) {
     let e = rel_err(a, b);
