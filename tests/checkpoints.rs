@@ -217,7 +217,7 @@ fn quantize_keeps_what_ggml_cannot_block() {
             .get(n)
             .unwrap_or_else(|| panic!("{n} missing from the GGUF"));
         assert_eq!(a.shape, b.shape, "{n}");
-        let want = lowtide::weights::quantize::type_for(n, &a.shape, GgmlDType::Q8_0);
+        let want = lowtide::weights::quantize::type_for(&a.shape, GgmlDType::Q8_0);
         let got = match b.encoding {
             Encoding::Ggml(t) => t,
             Encoding::Plain => match b.dtype {

@@ -261,12 +261,7 @@ pub fn open_component_store(
 ) -> Result<(WeightStore, String)> {
     let class = ModelIndex::read(root)?.class_of(root, name)?;
     let store = match single_file {
-        Some(p) => {
-            let mut store = WeightStore::open_file(p)?;
-            let config: Value = read_json(&root.join(name).join("config.json"))?;
-            layouts::prepare(&mut store, &class, &config)?;
-            store
-        }
+        Some(p) => open_single_file(name, &root.join(name), p, &class)?,
         None => {
             let dir = root.join(name);
             let stem = ["diffusion_pytorch_model", "model"]
@@ -277,6 +272,22 @@ pub fn open_component_store(
         }
     };
     Ok((store, class))
+}
+
+/// Component `name`'s weights from one file, in diffusers' names: opened (GGUF or safetensors)
+/// and converted from its layout for `class`, with the component folder `dir`'s config.
+fn open_single_file(name: &str, dir: &Path, path: &Path, class: &str) -> Result<WeightStore> {
+    if !path.is_file() {
+        return Err(Error::NotFound {
+            what: format!("weights file for `{name}`"),
+            path: path.to_path_buf(),
+            hint: "check the path given to --weights".into(),
+        });
+    }
+    let mut store = WeightStore::open_file(path)?;
+    let config: Value = read_json(&dir.join("config.json"))?;
+    layouts::prepare(&mut store, class, &config)?;
+    Ok(store)
 }
 
 /// One component opened for use: its provider and the path root for its parameters.
@@ -313,19 +324,7 @@ impl Component {
             });
         }
         let store = match single_file {
-            Some((path, class)) => {
-                if !path.is_file() {
-                    return Err(Error::NotFound {
-                        what: format!("weights file for `{name}`"),
-                        path: path.to_path_buf(),
-                        hint: "check the path given to --weights".into(),
-                    });
-                }
-                let mut store = WeightStore::open_file(path)?;
-                let config: Value = read_json(&dir.join("config.json"))?;
-                layouts::prepare(&mut store, class, &config)?;
-                store
-            }
+            Some((path, class)) => open_single_file(name, &dir, path, class)?,
             None => WeightStore::open_component(&dir, stem, variant)?,
         };
         Ok(Self {

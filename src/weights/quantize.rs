@@ -22,7 +22,7 @@ pub const SMALL: usize = 1024;
 const ALIGN: usize = 32;
 
 /// The type a tensor is written in when `target` is asked for.
-pub fn type_for(_name: &str, shape: &[usize], target: GgmlDType) -> GgmlDType {
+pub fn type_for(shape: &[usize], target: GgmlDType) -> GgmlDType {
     let n: usize = shape.iter().product();
     let last = shape.last().copied().unwrap_or(1);
     // Norm scales are 1-D; AdaLN modulation linears (`norm1.linear`) are big matrices and
@@ -93,7 +93,7 @@ pub fn write_gguf(
     let mut orig_shapes = Vec::new();
     for name in names {
         let shape = store.get(name).map(|t| t.shape.clone()).unwrap_or_default();
-        let t = type_for(name, &shape, target);
+        let t = type_for(&shape, target);
         // ggml holds at most 4 dimensions: a 5-D kernel is written as rows of its last
         // dimension, its shape recorded as ComfyUI-GGUF does.
         let ggml_shape = if shape.len() > 4 {
@@ -198,16 +198,13 @@ mod tests {
     #[test]
     fn converters_rules() {
         let q = GgmlDType::Q4K;
-        assert_eq!(type_for("a.bias", &[3072], q), GgmlDType::F32);
-        assert_eq!(type_for("x.norm.weight", &[64], q), GgmlDType::F32);
-        assert_eq!(type_for("norm1.linear.weight", &[18432, 3072], q), q);
-        assert_eq!(type_for("small.weight", &[16, 32], q), GgmlDType::F32);
-        assert_eq!(type_for("ff.weight", &[3072, 3072], q), q);
-        assert_eq!(type_for("ff.weight", &[3072, 48], q), GgmlDType::F16);
-        assert_eq!(type_for("conv.weight", &[64, 64, 3, 3], q), GgmlDType::F16);
-        assert_eq!(
-            type_for("ff.weight", &[64, 64], GgmlDType::F16),
-            GgmlDType::F16
-        );
+        assert_eq!(type_for(&[3072], q), GgmlDType::F32);
+        assert_eq!(type_for(&[64], q), GgmlDType::F32);
+        assert_eq!(type_for(&[18432, 3072], q), q);
+        assert_eq!(type_for(&[16, 32], q), GgmlDType::F32);
+        assert_eq!(type_for(&[3072, 3072], q), q);
+        assert_eq!(type_for(&[3072, 48], q), GgmlDType::F16);
+        assert_eq!(type_for(&[64, 64, 3, 3], q), GgmlDType::F16);
+        assert_eq!(type_for(&[64, 64], GgmlDType::F16), GgmlDType::F16);
     }
 }

@@ -519,10 +519,12 @@ impl WeightStore {
             Encoding::Ggml(_) => {
                 Tensor::from_vec(self.mapped_or_read::<u8>(t, n, &read)?, n, &Device::Cpu)?
             }
-            _ => {
-                let buf = read_typed::<u8>(n, &read)?;
-                Tensor::from_raw_buffer(&buf, t.dtype, &t.shape, &Device::Cpu)?
-            }
+            // f8e4m3 elements, straight into the tensor's buffer (mapped when large).
+            _ => Tensor::from_vec(
+                self.mapped_or_read::<float8::F8E4M3>(t, n, &read)?,
+                t.shape.as_slice(),
+                &Device::Cpu,
+            )?,
         })
     }
 

@@ -56,14 +56,13 @@ fn renamed(k: &str, per: usize) -> String {
             _ => k.to_string(),
         };
     }
-    if let Some((i, part, tail)) = k.strip_prefix("middle_block.").and_then(|r| {
+    if let Some((i, tail)) = k.strip_prefix("middle_block.").and_then(|r| {
         let (i, tail) = r.split_once('.')?;
-        Some((i.parse::<usize>().ok()?, String::new(), tail.to_string()))
+        Some((i.parse::<usize>().ok()?, tail))
     }) {
-        let _ = part;
         let d = i.saturating_sub(1);
         return if i % 2 == 0 {
-            format!("mid_block.resnets.{d}.{}", resnet(&tail))
+            format!("mid_block.resnets.{d}.{}", resnet(tail))
         } else {
             format!("mid_block.attentions.{d}.{tail}")
         };
