@@ -331,7 +331,7 @@ fn files_that_do_not_fit_are_refused() {
 
 use candle_core::{DType, Device, Tensor};
 use lowtide::models::{
-    FluxInputs, FluxTransformer2DModel, FluxTransformerConfig, WanInputs, WanTransformer3DModel,
+    FluxTransformer2DModel, FluxTransformerConfig, WanInputs, WanTransformer3DModel,
     WanTransformerConfig,
 };
 use lowtide::pipelines::Component;
@@ -360,16 +360,7 @@ fn flux_from(root: &Path, component: &str, file: &Path) -> (Component, FluxTrans
 }
 
 fn flux_out(m: &FluxTransformer2DModel, r: &std::collections::HashMap<String, Tensor>) -> Tensor {
-    m.forward(&FluxInputs {
-        hidden_states: &r["hidden_states"],
-        encoder_hidden_states: &r["encoder_hidden_states"],
-        pooled_projections: &r["pooled_projections"],
-        timestep: &r["timestep"],
-        guidance: r.get("guidance"),
-        img_ids: &r["img_ids"],
-        txt_ids: &r["txt_ids"],
-    })
-    .unwrap()
+    m.forward(&flux_inputs(r)).unwrap()
 }
 
 /// Every ggml type dequantizes random blocks exactly as ggml does (gguf-py's reference

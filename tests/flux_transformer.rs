@@ -20,17 +20,6 @@ fn open(name: &str) -> (Component, FluxTransformer2DModel) {
     })
 }
 
-fn inputs(r: &HashMap<String, Tensor>) -> FluxInputs<'_> {
-    FluxInputs {
-        hidden_states: &r["hidden_states"],
-        encoder_hidden_states: &r["encoder_hidden_states"],
-        pooled_projections: &r["pooled_projections"],
-        timestep: &r["timestep"],
-        guidance: r.get("guidance"),
-        img_ids: &r["img_ids"],
-        txt_ids: &r["txt_ids"],
-    }
-}
 
 fn refs_of(name: &str) -> HashMap<String, Tensor> {
     load_refs(refs(name).join("transformer.safetensors"))
@@ -42,7 +31,7 @@ fn transformer_matches_diffusers() {
         let (_, m) = open(name);
         let r = refs_of(name);
         assert_eq!(r.contains_key("guidance"), m.config().guidance_embeds);
-        let out = m.forward(&inputs(&r)).unwrap();
+        let out = m.forward(&flux_inputs(&r)).unwrap();
         let e = rel_err(&out, &r["output"]);
         eprintln!("{name}: transformer relative error {e:.3e}");
         assert!(e <= 1e-4, "{name}: relative error {e:.3e} > 1e-4");
@@ -66,7 +55,7 @@ fn batch_equals_single_calls() {
             encoder_hidden_states: &e,
             pooled_projections: &p,
             guidance: Some(&g),
-            ..inputs(&r)
+            ..flux_inputs(&r)
         })
         .unwrap();
     for i in 0..2 {
@@ -82,7 +71,7 @@ fn batch_equals_single_calls() {
                 encoder_hidden_states: &ei,
                 pooled_projections: &pi,
                 guidance: Some(&gi),
-                ..inputs(&r)
+                ..flux_inputs(&r)
             })
             .unwrap();
         assert_close(
@@ -101,7 +90,7 @@ fn offload_strategies_are_bit_identical() {
     let name = "tiny-flux-dev";
     let r = refs_of(name);
     let (_, m) = open(name);
-    let want = m.forward(&inputs(&r)).unwrap();
+    let want = m.forward(&flux_inputs(&r)).unwrap();
     for s in [
         Strategy::Sequential,
         Strategy::Group {
@@ -116,7 +105,7 @@ fn offload_strategies_are_bit_identical() {
         let (c, m) = open(name);
         c.weights.set_strategy(s).unwrap();
         for call in 0..2 {
-            let got = m.forward(&inputs(&r)).unwrap();
+            let got = m.forward(&flux_inputs(&r)).unwrap();
             let d = (&got - &want)
                 .unwrap()
                 .abs()
@@ -138,7 +127,7 @@ fn guidance_must_match_the_model() {
     let err = dev
         .forward(&FluxInputs {
             guidance: None,
-            ..inputs(&r)
+            ..flux_inputs(&r)
         })
         .unwrap_err()
         .to_string();
@@ -150,7 +139,7 @@ fn guidance_must_match_the_model() {
     let err = schnell
         .forward(&FluxInputs {
             guidance: Some(&g),
-            ..inputs(&r)
+            ..flux_inputs(&r)
         })
         .unwrap_err()
         .to_string();
@@ -165,7 +154,7 @@ fn bad_input_shapes_are_refused() {
     let err = m
         .forward(&FluxInputs {
             img_ids: &short_ids,
-            ..inputs(&r)
+            ..flux_inputs(&r)
         })
         .unwrap_err()
         .to_string();
@@ -174,7 +163,7 @@ fn bad_input_shapes_are_refused() {
     let err = m
         .forward(&FluxInputs {
             encoder_hidden_states: &wrong_width,
-            ..inputs(&r)
+            ..flux_inputs(&r)
         })
         .unwrap_err()
         .to_string();

@@ -54,6 +54,19 @@ pub fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
     diff / mag
 }
 
+/// The inputs of one `FluxTransformer2DModel` call from a reference file's tensors.
+pub fn flux_inputs(r: &HashMap<String, Tensor>) -> lowtide::models::FluxInputs<'_> {
+    lowtide::models::FluxInputs {
+        hidden_states: &r["hidden_states"],
+        encoder_hidden_states: &r["encoder_hidden_states"],
+        pooled_projections: &r["pooled_projections"],
+        timestep: &r["timestep"],
+        guidance: r.get("guidance"),
+        img_ids: &r["img_ids"],
+        txt_ids: &r["txt_ids"],
+    }
+}
+
 /// The tensor's values as f32 bit patterns: for bit-identity checks.
 pub fn bits(t: &Tensor) -> Vec<u32> {
     t.flatten_all()
